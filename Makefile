@@ -1,0 +1,60 @@
+# Thin wrapper around CMake. `make deps test` sets up a fresh Debian 12 machine and runs the tests.
+BUILD ?= build
+ASAN_BUILD ?= build-asan
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+QLORA_CUDA ?= AUTO
+CMAKE_FLAGS ?=
+
+# Debian packages the build needs (Check + subunit for tests, cJSON, CMake, a C toolchain).
+DEB_PACKAGES := build-essential cmake pkg-config check libsubunit-dev libcjson-dev
+
+.PHONY: all deps build test test-asan demo bench gpu-check install clean
+
+all: build
+
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "deps: all present"; fi
+
+$(BUILD)/CMakeCache.txt:
+	cmake -S . -B $(BUILD) -DQLORA_CUDA=$(QLORA_CUDA) $(CMAKE_FLAGS)
+
+build: $(BUILD)/CMakeCache.txt
+	cmake --build $(BUILD) -j $(JOBS)
+
+test: build
+	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+
+# CPU code under AddressSanitizer + UndefinedBehaviorSanitizer.
+test-asan:
+	cmake -S . -B $(ASAN_BUILD) -DQLORA_CUDA=OFF -DQLORA_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug
+	cmake --build $(ASAN_BUILD) -j $(JOBS)
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS)
+
+# The main job until qlora-ft exists: make a small random Llama-style model and quantize it to
+# NF4 + double quantization in the bitsandbytes layout, then go back to BF16.
+demo: build
+	rm -rf demo && mkdir -p demo
+	$(BUILD)/bin/make-example-model demo/model
+	$(BUILD)/bin/qlora-quantize demo/model demo/model-nf4
+	$(BUILD)/bin/qlora-quantize --dequantize demo/model-nf4 demo/model-bf16
+
+bench: build
+	$(BUILD)/bin/qlora-bench
+
+# On a GPU machine: build for sm_90, run tests (+ compute-sanitizer) and benchmarks.
+gpu-check:
+	bash tools/gpu-check.sh
+
+install: build
+	cmake --install $(BUILD)
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD) demo

@@ -1,0 +1,57 @@
+/*
+ * The CUDA backend as seen from C host code: extern "C" launchers implemented in cuda/*.cu.
+ * Only compiled in when QLORA_HAVE_CUDA is defined. Every function checks every CUDA/cuBLAS
+ * return code and reports failures through ql_fail (QLORA_ERR_CUDA / QLORA_ERR_CUBLAS) with the
+ * call, the error name and the file:line. Pointers named d_* are device memory.
+ */
+#ifndef QLORA_CUDA_BACKEND_H
+#define QLORA_CUDA_BACKEND_H
+
+#include "qlora.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ql_cuda_state ql_cuda_state;  /* device index, stream, cuBLAS handle */
+
+int ql_cuda_device_count(void);
+qlora_status ql_cuda_init(int device, ql_cuda_state **out);
+void ql_cuda_destroy(ql_cuda_state *s);
+qlora_status ql_cuda_synchronize(ql_cuda_state *s);
+
+qlora_status ql_cuda_malloc(ql_cuda_state *s, size_t bytes, void **out);
+void ql_cuda_free(ql_cuda_state *s, void *ptr);
+qlora_status ql_cuda_host_alloc(ql_cuda_state *s, size_t bytes, void **out);  /* pinned */
+void ql_cuda_host_free(ql_cuda_state *s, void *ptr);
+/* Copies on the context stream and waits for it; either side may be host or device. */
+qlora_status ql_cuda_memcpy(ql_cuda_state *s, void *dst, const void *src, size_t bytes);
+/* 1 if ptr is device memory (cudaPointerGetAttributes), 0 otherwise. */
+int ql_cuda_is_device_pointer(const void *ptr);
+
+/* ---- 4-bit quantization kernels (cuda/quant4.cu) ----
+ * Bit-exact with the CPU reference (lib/quant4_ref.c): float32 absmax, multiply by the float32
+ * reciprocal, strict '>' against float32 thresholds, all-zero block -> absmax 0 and code 7,
+ * even element in the high nibble, odd tail padded with the zero code. */
+
+/* d_x: n elements of dtype (F32/F16/BF16). Writes d_codes[(n+1)/2] and d_absmax[ceil(n/bs)].
+ * *first_nonfinite = index of the first NaN/Inf element, or -1 (kernel-side flag, checked
+ * after the launch). */
+qlora_status ql_cuda_quantize_4bit(ql_cuda_state *s, const void *d_x, qlora_dtype dtype, int64_t n,
+                                   int blocksize, qlora_quant_type type,
+                                   uint8_t *d_codes, float *d_absmax, int64_t *first_nonfinite);
+/* Double quantization of d_absmax[nblocks]: offset = canonical mean (see lib/quant4.h),
+ * d_qabsmax[nblocks] = nearest code of the signed dynamic map for (absmax - offset) / nested,
+ * d_nested_absmax[ceil(nblocks/256)]. *offset is written on the host. */
+qlora_status ql_cuda_double_quant(ql_cuda_state *s, const float *d_absmax, int64_t nblocks,
+                                  const float dynamic_map[256], uint8_t *d_qabsmax,
+                                  float *d_nested_absmax, float *offset);
+/* Dequantizes q (device storage) into d_out (F32/F16/BF16, q->numel elements); with double
+ * quantization the absmax decode is fused into the same launch. */
+qlora_status ql_cuda_dequantize_4bit(ql_cuda_state *s, const qlora_qtensor *q, void *d_out,
+                                     qlora_dtype out_dtype);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
