@@ -1,5 +1,5 @@
 /*
- * The CUDA backend as seen from C host code: extern "C" launchers implemented in cuda/*.cu.
+ * The CUDA backend as seen from C host code: extern "C" launchers implemented in the .cu files of cuda/.
  * Only compiled in when QLORA_HAVE_CUDA is defined. Every function checks every CUDA/cuBLAS
  * return code and reports failures through ql_fail (QLORA_ERR_CUDA / QLORA_ERR_CUBLAS) with the
  * call, the error name and the file:line. Pointers named d_* are device memory.

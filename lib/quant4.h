@@ -6,13 +6,17 @@
  *
  * Canonical rules every implementation follows:
  *  - absmax[b] = max |x| over block b in float32; scale = 1.0f / absmax[b]; v = x * scale.
- *  - code = number of float32 thresholds t with v > t (NF4: 15 midpoints; FP4: sign bit from
- *    x < 0 plus 7 magnitude midpoints on |v|).
+ *  - code = number of float32 thresholds t with v > t (NF4: the 15 of ql_nf4_thresholds; FP4:
+ *    sign bit 8 when v < 0, plus ql_fp4_bucket_code[number of ql_fp4_thresholds below |v|]).
+ *    The thresholds are bnb's CUDA float literals, which are NOT all the float32 midpoints
+ *    (a + b) / 2 of the code book (see lib/codebook.c): use these tables, do not recompute.
  *  - absmax == 0: store 0 and emit the zero code (7 for NF4, 0 for FP4).
  *  - byte j = code(2j) << 4 | code(2j+1); an odd tail pads the low nibble with the zero code.
  *  - double quant offset: sum absmax in double, sequentially within consecutive chunks of
  *    QL_DQ_SUM_CHUNK entries, then the chunk sums sequentially in double; offset =
- *    (float)(sum / nblocks). Decode: absmax = dyn[q] * nested[j / 256] + offset as two
+ *    (float)(sum / nblocks). Per group g of QL_NESTED_BLOCKSIZE scales: c = absmax - offset
+ *    (float32), nested[g] = max |c|, q = ql_dynamic_map_nearest(dyn, c * (1.0f / nested[g]))
+ *    (nested[g] == 0: v = 0, q = 127). Decode: absmax = dyn[q] * nested[j / 256] + offset as two
  *    float32 roundings (no FMA contraction: C is built with -ffp-contract=off, CUDA uses
  *    __fmul_rn/__fadd_rn).
  */
@@ -50,14 +54,14 @@ void ql_double_dequant_ref(const uint8_t *qabsmax, const float *nested, float of
  * binary search resolves them). */
 uint8_t ql_dynamic_map_nearest(const float dyn[256], float x);
 
-/* --- fast (OpenMP) --- same contracts */
+/* --- fast (OpenMP, vectorisable) --- same contracts and bytes; num_threads 0 = OpenMP default */
 int64_t ql_quant4_fast(const void *x, qlora_dtype dtype, int64_t n, int blocksize, qlora_quant_type type,
-                       uint8_t *codes, float *absmax);
+                       uint8_t *codes, float *absmax, int num_threads);
 /* Fused: decodes absmax from qabsmax/nested/offset (when qabsmax != NULL) in the same pass. */
 void ql_dequant4_fast(const uint8_t *codes, const float *absmax, const uint8_t *qabsmax, const float *nested,
                       float offset, const float dyn[256], const float code[16], int64_t n, int blocksize,
-                      void *out, qlora_dtype out_dtype);
+                      void *out, qlora_dtype out_dtype, int num_threads);
 float ql_double_quant_fast(const float *absmax, int64_t nblocks, const float dyn[256], uint8_t *qabsmax,
-                           float *nested);
+                           float *nested, int num_threads);
 
 #endif
