@@ -260,9 +260,11 @@ QLORA_API const float *qlora_quant_codebook(qlora_quant_type type);
 QLORA_API const float *qlora_dynamic_map_signed(void);
 QLORA_API const char *qlora_quant_type_name(qlora_quant_type type);  /* "nf4" / "fp4" */
 
-/* Quantizes src (F32, F16 or BF16, on the context's device or host) into out, whose
- * storage is allocated by this call on the same device as src (codes: BASE_WEIGHTS,
- * scales: QUANT_STATE). NaN/Inf in src: QLORA_ERR_NON_FINITE naming the tensor. */
+/* Quantizes src (F32, F16 or BF16, on the context's device: host memory for a CPU context,
+ * the GPU for a CUDA one, else QLORA_ERR_DEVICE) into out, whose storage is allocated by this
+ * call on that device (codes: BASE_WEIGHTS, scales: QUANT_STATE). params NULL: the defaults.
+ * NaN/Inf in src: QLORA_ERR_NON_FINITE naming the tensor and the element. On failure out
+ * holds no storage. */
 QLORA_API qlora_status qlora_quantize(qlora_ctx *ctx, const qlora_tensor *src,
                                       const qlora_quant_params *params, qlora_qtensor *out);
 /* Dequantizes into dst (F32, F16 or BF16, numel == q->numel, same device as q). With double

@@ -119,8 +119,8 @@ QL_INLINE void block_codes(const void *x, qlora_dtype dtype, qlora_quant_type ty
 }
 
 /* Quantizes block b; returns the index of its first non-finite element, or -1. */
-QL_INLINE int64_t quantize_block(const void *x, qlora_dtype dtype, int64_t n, int blocksize,
-                                     qlora_quant_type type, int64_t b, uint8_t *codes, float *absmax) {
+QL_INLINE int64_t quantize_block(const void *x, qlora_dtype dtype, int64_t n, int blocksize, qlora_quant_type type,
+                                 int64_t b, uint8_t *codes, float *absmax) {
     int32_t block[4096];
     int64_t begin = b * blocksize;
     int64_t count = n - begin < blocksize ? n - begin : blocksize;
@@ -146,9 +146,10 @@ QL_INLINE int64_t quantize_block(const void *x, qlora_dtype dtype, int64_t n, in
  * specialised and vectorised; the parallel loop picks one through a pointer. */
 typedef int64_t (*quantize_block_fn)(const void *x, int64_t n, int blocksize, int64_t b, uint8_t *codes,
                                      float *absmax);
-#define QL_DEFINE_QUANTIZE_BLOCK(NAME, DTYPE, TYPE)                                                   \
-    QL_TARGET_CLONES static int64_t NAME(const void *x, int64_t n, int blocksize, int64_t b, uint8_t *codes, float *absmax) { \
-        return quantize_block(x, DTYPE, n, blocksize, TYPE, b, codes, absmax);                          \
+#define QL_DEFINE_QUANTIZE_BLOCK(NAME, DTYPE, TYPE)                                                        \
+    QL_TARGET_CLONES static int64_t NAME(const void *x, int64_t n, int blocksize, int64_t b, uint8_t *codes, \
+                                         float *absmax) {                                                    \
+        return quantize_block(x, DTYPE, n, blocksize, TYPE, b, codes, absmax);                               \
     }
 QL_DEFINE_QUANTIZE_BLOCK(quantize_block_f32_nf4, QLORA_F32, QLORA_QUANT_NF4)
 QL_DEFINE_QUANTIZE_BLOCK(quantize_block_f16_nf4, QLORA_F16, QLORA_QUANT_NF4)

@@ -241,6 +241,7 @@ qlora_status qlora_quantize(qlora_ctx *ctx, const qlora_tensor *src, const qlora
     QL_REQUIRE_ARG(ctx != NULL, "ctx");
     QL_REQUIRE_ARG(src != NULL, "src");
     QL_REQUIRE_ARG(out != NULL, "out");
+    memset(out, 0, sizeof *out); /* on any failure out holds no storage */
     qlora_quant_params p = params ? *params : qlora_quant_default_params();
     const char *label = ql_tensor_label(src, "(unnamed)");
     QL_CHECK(check_device(fn, ctx, label, src->device));
@@ -250,17 +251,27 @@ qlora_status qlora_quantize(qlora_ctx *ctx, const qlora_tensor *src, const qlora
         return ql_fail(QLORA_ERR_INVALID_ARG, "%s: tensor '%s' has no data", fn, label);
     }
     QL_CHECK(alloc_storage(ctx, out, 1));
-    float *absmax = out->absmax;
+    /* Host data straight from a file mapping may be unaligned for its dtype: read a copy. */
+    qlora_tensor in = *src;
+    void *aligned = NULL;
+    size_t elem = src->dtype == QLORA_F32 ? 4 : 2;
     qlora_status st = QLORA_OK;
-    if (out->double_quant) /* the float32 scales only live until they are double-quantized */
+    if (in.device == QLORA_DEVICE_HOST && out->numel > 0 && (uintptr_t)in.data % elem != 0) {
+        st = qlora_alloc(ctx, (size_t)out->numel * elem, 0, QLORA_MEM_WORKSPACE, &aligned);
+        if (st == QLORA_OK)
+            in.data = memcpy(aligned, src->data, (size_t)out->numel * elem);
+    }
+    float *absmax = out->absmax;
+    if (st == QLORA_OK && out->double_quant) /* the float32 scales live until double-quantized */
         st = qlora_alloc(ctx, (size_t)out->nblocks * sizeof(float), 1, QLORA_MEM_WORKSPACE, (void **)&absmax);
     int64_t bad = -1;
     if (st == QLORA_OK)
-        st = run_quantize(ctx, src, out, absmax, &bad);
+        st = run_quantize(ctx, &in, out, absmax, &bad);
     if (st == QLORA_OK && bad >= 0)
-        st = non_finite_error(ctx, src, bad);
+        st = non_finite_error(ctx, &in, bad);
     if (absmax != out->absmax)
         qlora_free(ctx, absmax);
+    qlora_free(ctx, aligned);
     if (st != QLORA_OK) {
         qlora_qtensor_free(ctx, out);
         memset(out, 0, sizeof *out);
@@ -288,6 +299,9 @@ qlora_status qlora_dequantize(qlora_ctx *ctx, const qlora_qtensor *q, qlora_tens
     QL_CHECK(check_device(fn, ctx, label, dst->device));
     if (n > 0 && !dst->data)
         return ql_fail(QLORA_ERR_INVALID_ARG, "%s: output tensor '%s' has no data", fn, label);
+    if ((uintptr_t)dst->data % (dst->dtype == QLORA_F32 ? 4 : 2) != 0)
+        return ql_fail(QLORA_ERR_INVALID_ARG, "%s: output tensor '%s': data %p is not aligned for %s", fn, label,
+                       dst->data, qlora_dtype_name(dst->dtype));
 #ifdef QLORA_HAVE_CUDA
     if (ctx->params.backend == QLORA_BACKEND_CUDA)
         return ql_cuda_dequantize_4bit((ql_cuda_state *)ctx->cuda, q, dst->data, dst->dtype);

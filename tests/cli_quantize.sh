@@ -168,6 +168,16 @@ done
 [ "$(header "$orig" | tr -d ' ' | grep -o '"dtype"' | wc -l)" = "$(header "$deq" | tr -d ' ' | grep -o '"dtype"' | wc -l)" ] ||
     fail "round trip changed the number of tensors"
 expect_exit 2 "no bitsandbytes 4-bit weights" "$quantize" --dequantize "$work/model" "$work/dd"
+# A one-line config gets a one-line block; the round trip restores it byte for byte.
+mkdir "$work/compact"
+cp "$work/model/model.safetensors" "$work/compact/"
+printf '{"model_type":"llama","hidden_size":256}' >"$work/compact/config.json"
+"$quantize" --quiet "$work/compact" "$work/compact_q" >/dev/null
+[ "$(wc -l <"$work/compact_q/config.json")" -eq 0 ] || fail "a one-line config.json became multi-line"
+has "$(cat "$work/compact_q/config.json")" '"hidden_size":256,"quantization_config": \{"_load_in_4bit": true, ' ||
+    fail "compact config: $(cat "$work/compact_q/config.json")"
+"$quantize" --quiet --dequantize "$work/compact_q" "$work/compact_d" >/dev/null
+cmp -s "$work/compact/config.json" "$work/compact_d/config.json" || fail "compact config round trip"
 
 # ---------------------------------------------------------------- sharded output and input
 "$quantize" --quiet "$work/model" "$work/qs" --max-shard-size 400KB >/dev/null
@@ -192,6 +202,10 @@ mkdir "$work/badmodel"
 head -c 5000 "$work/model/model.safetensors" >"$work/badmodel/model.safetensors"
 cp "$work/model/config.json" "$work/badmodel/"
 expect_exit 2 "model.safetensors" "$quantize" "$work/badmodel" "$work/x"
+mkdir "$work/badconfig"
+cp "$work/model/model.safetensors" "$work/badconfig/"
+printf '{"hidden_size": 256,, }' >"$work/badconfig/config.json"
+expect_exit 2 "badconfig/config.json: not a valid JSON object" "$quantize" "$work/badconfig" "$work/x"
 [ ! -e "$work/x" ] && [ ! -e "$work/x.safetensors" ] || fail "an input error left OUT behind"
 
 # ---------------------------------------------------------------- output errors (exit 3)

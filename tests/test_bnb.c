@@ -1,7 +1,8 @@
 /*
  * The bitsandbytes 4-bit key set: write -> load round trips on every backend (one file and
  * sharded), the quant_state JSON byte for byte as Python's json.dumps writes it, load errors
- * naming the weight and key, and the checkpoint written by the real bitsandbytes.
+ * naming the weight and key, and the checkpoint written by the real bitsandbytes
+ * (tests/fixtures/bnb_reference.safetensors) read and written back byte for byte.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -527,12 +528,96 @@ START_TEST(load_rejects_inconsistent_key_sets) {
 }
 END_TEST
 
+/* ---------------------------------------------- the real bitsandbytes file */
+
+/* Names of the quantized weights in a checkpoint (those with a quant_state key). */
+static int bnb_weights(const qlora_checkpoint *c, char names[][256], int max) {
+    int n = 0;
+    for (size_t i = 0; i < qlora_checkpoint_count(c); i++) {
+        const char *key = qlora_checkpoint_name(c, i);
+        const char *s = strstr(key, ".quant_state.bitsandbytes__");
+        if (s && n < max) {
+            snprintf(names[n], 256, "%.*s", (int)(s - key), key);
+            n++;
+        }
+    }
+    return n;
+}
+
+START_TEST(bitsandbytes_fixture_loads_and_rewrites_identically) {
+    /* bnb_reference.safetensors: Linear4bit state dicts saved by bitsandbytes 0.50.2
+     * (tests/fixtures/make_bnb_fixtures.py). Loading each weight and writing it back must
+     * give the fixture's tensors byte for byte, dtypes and shapes included. */
+    qlora_checkpoint *ref;
+    ck_assert_qlora_ok(qlora_checkpoint_open(tu_fixture("bnb_reference.safetensors"), &ref));
+    char names[32][256];
+    int nw = bnb_weights(ref, names, 32);
+    ck_assert_int_ge(nw, 4);
+    tu_backend bs[4];
+    int nb = tu_backends(bs);
+    char *dir = tu_tempdir();
+    char *path = path_join(dir, "rewritten.safetensors");
+    for (int b = 0; b < nb; b++) {
+        qlora_ctx *ctx = tu_ctx(&bs[b]);
+        qlora_qtensor q[32];
+        qlora_st_writer *w;
+        ck_assert_qlora_ok(qlora_st_writer_open(path, 0, &w));
+        for (int i = 0; i < nw; i++) {
+            ck_assert(qlora_bnb_is_quantized(ref, names[i]));
+            qlora_qtensor loaded;
+            ck_assert_qlora_ok(qlora_bnb_load(ctx, ref, names[i], &loaded));
+            ck_assert_qlora_ok(qlora_qtensor_copy(ctx, &q[i], &loaded, 0));
+            qlora_qtensor_free(ctx, &loaded);
+            ck_assert_qlora_ok(qlora_bnb_declare(w, names[i], &q[i]));
+        }
+        for (int i = 0; i < nw; i++)
+            ck_assert_qlora_ok(qlora_bnb_write(w, names[i], &q[i]));
+        ck_assert_qlora_ok(qlora_st_writer_commit(w));
+
+        qlora_checkpoint *ours;
+        ck_assert_qlora_ok(qlora_checkpoint_open(path, &ours));
+        size_t compared = 0;
+        for (size_t k = 0; k < qlora_checkpoint_count(ours); k++) {
+            const char *key = qlora_checkpoint_name(ours, k);
+            qlora_tensor a, o;
+            ck_assert_qlora_ok(qlora_checkpoint_find(ref, key, &a));
+            ck_assert_qlora_ok(qlora_checkpoint_find(ours, key, &o));
+            ck_assert_msg(a.dtype == o.dtype && a.ndim == o.ndim, "%s: %s/%d vs %s/%d", key,
+                          qlora_dtype_name(a.dtype), a.ndim, qlora_dtype_name(o.dtype), o.ndim);
+            for (int d = 0; d < a.ndim; d++)
+                ck_assert_int_eq(a.shape[d], o.shape[d]);
+            ck_assert_uint_eq(qlora_tensor_nbytes(&a), qlora_tensor_nbytes(&o));
+            ck_assert_msg(memcmp(a.data, o.data, qlora_tensor_nbytes(&a)) == 0, "%s: bytes differ", key);
+            compared++;
+        }
+        /* Every bitsandbytes key of the fixture was produced (4 or 6 per weight). */
+        size_t expected = 0;
+        for (size_t k = 0; k < qlora_checkpoint_count(ref); k++)
+            for (int i = 0; i < nw; i++)
+                if (strncmp(qlora_checkpoint_name(ref, k), names[i], strlen(names[i])) == 0 &&
+                    (qlora_checkpoint_name(ref, k)[strlen(names[i])] == '\0' ||
+                     qlora_checkpoint_name(ref, k)[strlen(names[i])] == '.'))
+                    expected++;
+        ck_assert_uint_eq(compared, expected);
+        qlora_checkpoint_close(ours);
+        for (int i = 0; i < nw; i++)
+            qlora_qtensor_free(ctx, &q[i]);
+        qlora_ctx_free(ctx);
+    }
+    qlora_checkpoint_close(ref);
+    free(path);
+    tu_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("bnb");
     TCase *tc = tcase_create("keyset");
     tcase_add_test(tc, roundtrip_every_backend);
     tcase_add_test(tc, blob_text_is_what_python_writes);
     tcase_add_test(tc, load_rejects_inconsistent_key_sets);
+    tcase_add_test(tc, bitsandbytes_fixture_loads_and_rewrites_identically);
     suite_add_tcase(s, tc);
     return tu_run_suite(s);
 }

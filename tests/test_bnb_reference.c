@@ -10,10 +10,14 @@
  *  1. FP4, |v| <= 0.0026 (magnitude code 0): bnb-CPU picks the zero code of the opposite sign
  *     (torch.argsort's order of +0/-0 in its bucketize path). Both decode to (+-)0.
  *  2. Double quant, 8-bit codes: bnb-CPU's search (libbitsandbytes_cpu, BinSearch on x / scale)
- *     is not exactly nearest within ~1e-4 of a midpoint between two map entries and takes the
- *     farther one; libqlora takes the nearer (as bnb's CUDA dQuantize does).
+ *     is not exactly nearest: for about 0.1% of values, mostly small ones, it returns an entry
+ *     one or two places from the nearest. libqlora returns the nearest, as bnb's CUDA
+ *     dQuantize does.
  *  3. An all-zero partial last block: bnb-CPU stores absmax 1e-38 (clamped), libqlora 0. Codes
  *     agree (0x77). Full all-zero blocks store 0 in both.
+ * A fourth difference is not in these cases, so the offset is compared exactly: bnb's offset is
+ * torch's float32 mean of the scales, which for larger tensors (thousands of blocks) can be an
+ * ulp off the correctly rounded mean libqlora stores; nested absmax and 8-bit codes follow it.
  */
 #include <cjson/cJSON.h>
 #include <math.h>
@@ -190,9 +194,8 @@ static int compare_case(qlora_ctx *ctx, const char *backend, const qlora_safeten
                 continue;
             float v = (absmax[b] - h.nested_offset) * (1.0f / h.nested_absmax[b / 256]);
             int ours = h.qabsmax[b], theirs = bnb_q[b];
-            float mid = (dyn[ours] + dyn[theirs]) * 0.5f;
-            ck_assert_msg(abs(ours - theirs) == 1 && fabsf(v - dyn[ours]) <= fabsf(v - dyn[theirs]) &&
-                              fabsf(v - mid) <= 1e-4f * fabsf(mid) + 1e-9f,
+            ck_assert_msg(ours == ql_dynamic_map_nearest(dyn, v) && abs(ours - theirs) <= 2 &&
+                              fabsf(v - dyn[ours]) <= fabsf(v - dyn[theirs]),
                           "%s %s: block %lld: 8-bit code %d, bitsandbytes %d (v = %a)", backend, prefix, (long long)b,
                           ours, theirs, (double)v);
             deviations++;
@@ -242,7 +245,7 @@ START_TEST(every_backend_reproduces_bitsandbytes_bytes) {
             elements += qlora_tensor_numel(&src);
             ncases++;
         }
-        ck_assert_int_eq(ncases, 6);
+        ck_assert_int_eq(ncases, 7);
         /* the deviations are rare corner cases, not a pattern */
         ck_assert_msg(deviations * 100 < elements, "%s: %d deviations in %lld elements", bs[b].name, deviations,
                       (long long)elements);

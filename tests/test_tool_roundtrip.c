@@ -5,6 +5,7 @@
  * byte-identical, and --dequantize must restore dtypes and shapes with a small error.
  * (tests/cli_quantize.sh covers the command line itself: options, messages, exit codes.)
  */
+#include "half.h"
 #include "testutil.h"
 
 #include <math.h>
@@ -12,6 +13,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #define EXAMPLE_LAYERS 2
 #define EXAMPLE_TENSORS (3 + 9 * EXAMPLE_LAYERS)
@@ -213,12 +216,135 @@ START_TEST(test_dequantize_and_shards) {
 }
 END_TEST
 
+/* Runs a command and returns its stdout (malloc'ed) and exit status. */
+static char *capture(int *status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static char *capture(int *status, const char *fmt, ...) {
+    char cmd[8192];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    FILE *p = popen(cmd, "r");
+    ck_assert_msg(p != NULL, "popen %s", cmd);
+    char *out = calloc(1, 65536);
+    size_t n = fread(out, 1, 65535, p);
+    out[n] = '\0';
+    int rc = pclose(p);
+    *status = WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+    return out;
+}
+
+static double summary_number(const char *summary, const char *label) {
+    const char *at = strstr(summary, label);
+    ck_assert_msg(at != NULL, "summary lacks '%s': %s", label, summary);
+    return strtod(at + strlen(label), NULL);
+}
+
+/* Writes F32 and F16 weights (2-D, odd-sized so the last block is partial) to one file. */
+static void write_mixed(const char *path, const float *a, const float *b, int64_t rows, int64_t cols) {
+    int64_t shape[2] = {rows, cols}, n = rows * cols;
+    uint16_t *b16 = malloc((size_t)n * sizeof *b16);
+    for (int64_t i = 0; i < n; i++)
+        b16[i] = ql_f32_to_f16(b[i]);
+    qlora_st_writer *w = NULL;
+    ck_assert_qlora_ok(qlora_st_writer_open(path, 0, &w));
+    ck_assert_qlora_ok(qlora_st_writer_declare(w, "a.weight", QLORA_F32, 2, shape));
+    ck_assert_qlora_ok(qlora_st_writer_declare(w, "b.weight", QLORA_F16, 2, shape));
+    ck_assert_qlora_ok(qlora_st_writer_write(w, "a.weight", a, (size_t)n * sizeof *a));
+    ck_assert_qlora_ok(qlora_st_writer_write(w, "b.weight", b16, (size_t)n * sizeof *b16));
+    ck_assert_qlora_ok(qlora_st_writer_commit(w));
+    free(b16);
+}
+
+/* F32 and F16 weights: the tool's file holds qlora_quantize's bytes with the original dtype
+ * recorded, and its reported error equals the error computed here from the library. */
+START_TEST(test_quantize_f32_f16_inputs) {
+    enum { ROWS = 37, COLS = 91 }; /* 3367 elements: 52 full blocks of 64 and a partial one */
+    const int64_t n = ROWS * COLS;
+    char *dir = tu_tempdir(), in[4096], out[4096];
+    snprintf(in, sizeof in, "%s/mixed.safetensors", dir);
+    snprintf(out, sizeof out, "%s/q.safetensors", dir);
+    tu_rng rng;
+    tu_rng_init(&rng, tu_seed());
+    float *a = malloc(n * sizeof *a), *b = malloc(n * sizeof *b);
+    tu_fill_normal(&rng, a, n, 0.05f);
+    tu_fill_normal(&rng, b, n, 3.0f);
+    write_mixed(in, a, b, ROWS, COLS);
+
+    int status;
+    char *summary = capture(&status, "'%s/qlora-quantize' --quiet '%s' '%s'", bin_dir(), in, out);
+    ck_assert_msg(status == 0, "qlora-quantize exited %d: %s", status, summary);
+    ck_assert_int_eq((int)summary_number(summary, "tensors quantized:"), 2);
+
+    qlora_ctx *ctx = NULL;
+    ck_assert_qlora_ok(qlora_ctx_create(NULL, &ctx));
+    qlora_checkpoint *src = NULL, *q = NULL;
+    ck_assert_qlora_ok(qlora_checkpoint_open(in, &src));
+    ck_assert_qlora_ok(qlora_checkpoint_open(out, &q));
+    const qlora_quant_params params = qlora_quant_default_params();
+    const char *names[2] = {"a.weight", "b.weight"};
+    const qlora_dtype dtypes[2] = {QLORA_F32, QLORA_F16};
+    double err = 0, ref = 0, max_abs = 0;
+    for (int k = 0; k < 2; k++) {
+        qlora_tensor t, back;
+        qlora_qtensor stored, expected;
+        memset(&stored, 0, sizeof stored);
+        memset(&expected, 0, sizeof expected);
+        ck_assert_qlora_ok(qlora_checkpoint_find(src, names[k], &t));
+        ck_assert_qlora_ok(qlora_bnb_load(ctx, q, names[k], &stored));
+        ck_assert_qlora_ok(qlora_quantize(ctx, &t, &params, &expected));
+        ck_assert_int_eq(stored.dtype, dtypes[k]);
+        ck_assert(memcmp(stored.codes, expected.codes, (size_t)(n + 1) / 2) == 0);
+        ck_assert(memcmp(stored.qabsmax, expected.qabsmax, (size_t)expected.nblocks) == 0);
+        ck_assert_qlora_ok(qlora_tensor_init(&back, names[k], QLORA_F32, 2, t.shape, NULL, QLORA_DEVICE_HOST));
+        ck_assert_qlora_ok(qlora_tensor_alloc(ctx, &back, 0, QLORA_MEM_WORKSPACE));
+        ck_assert_qlora_ok(qlora_dequantize(ctx, &stored, &back));
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t h;
+            float x = k == 0 ? a[i] : (memcpy(&h, (const char *)t.data + 2 * i, 2), ql_f16_to_f32(h));
+            double e = (double)((float *)back.data)[i] - x;
+            err += e * e;
+            ref += (double)x * x;
+            max_abs = fabs(e) > max_abs ? fabs(e) : max_abs;
+        }
+        qlora_tensor_free(ctx, &back);
+        qlora_qtensor_free(ctx, &stored);
+        qlora_qtensor_free(ctx, &expected);
+    }
+    double rel = sqrt(err / ref);
+    ck_assert_msg(fabs(summary_number(summary, "relative RMS error:") - rel) <= 1e-5, "reported %s, computed %.6f",
+                  summary, rel);
+    ck_assert_msg(fabs(summary_number(summary, "max abs error:") - max_abs) <= 1e-5 * max_abs, "max abs %g",
+                  max_abs);
+    qlora_checkpoint_close(q);
+    qlora_checkpoint_close(src);
+    qlora_ctx_free(ctx);
+    free(summary);
+
+    /* A non-finite weight: input error (exit 2) naming the tensor, and no output. */
+    b[n / 2] = NAN;
+    snprintf(in, sizeof in, "%s/nan.safetensors", dir);
+    snprintf(out, sizeof out, "%s/nan_q.safetensors", dir);
+    write_mixed(in, a, b, ROWS, COLS);
+    summary = capture(&status, "'%s/qlora-quantize' --quiet '%s' '%s' 2>&1", bin_dir(), in, out);
+    ck_assert_msg(status == 2, "exit %d: %s", status, summary);
+    ck_assert_msg(strstr(summary, "b.weight") != NULL, "message lacks the tensor: %s", summary);
+    ck_assert_int_eq(access(out, F_OK), -1);
+    free(summary);
+    free(a);
+    free(b);
+    tu_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 static Suite *tool_suite(void) {
     Suite *s = suite_create("tools");
     TCase *tc = tcase_create("quantize_cli");
     tcase_add_test(tc, test_quantize_nf4_double_quant);
     tcase_add_test(tc, test_quantize_fp4_single_file);
     tcase_add_test(tc, test_dequantize_and_shards);
+    tcase_add_test(tc, test_quantize_f32_f16_inputs);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -15,8 +15,7 @@
 #include <cjson/cJSON.h> /* config.json and the shard index */
 #include <dirent.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <ftw.h>
+#include <fcntl.h> /* AT_FDCWD for renameat2 */
 #include <math.h>
 #include <regex.h>
 #include <signal.h>
@@ -27,6 +26,9 @@
 #include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "json_splice.h" /* config.json edits that keep every other byte */
+#include "tool_files.h"
 
 /* Exit codes (documented in --help). */
 enum {
@@ -298,140 +300,6 @@ static int ends_with(const char *s, const char *suffix) {
     return n >= m && !strcmp(s + n - m, suffix);
 }
 
-static char *path_join(const char *dir, const char *name) {
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    if (p)
-        snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
-static int read_whole_file(const char *path, char **out, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return -1;
-    char *buf = NULL;
-    size_t n = 0, cap = 0;
-    for (;;) {
-        if (n + 4096 + 1 > cap) {
-            cap = cap ? 2 * cap : 65536;
-            char *grown = realloc(buf, cap);
-            if (!grown) {
-                free(buf);
-                fclose(f);
-                errno = ENOMEM;
-                return -1;
-            }
-            buf = grown;
-        }
-        size_t got = fread(buf + n, 1, cap - n - 1, f);
-        n += got;
-        if (got == 0)
-            break;
-    }
-    int err = ferror(f);
-    fclose(f);
-    if (err) {
-        free(buf);
-        errno = EIO;
-        return -1;
-    }
-    buf[n] = '\0';
-    *out = buf;
-    *len = n;
-    return 0;
-}
-
-/* Writes a new file (fails if it exists) and fsyncs it. */
-static int write_new_file(const char *path, const char *data, size_t len) {
-    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return -1;
-    size_t done = 0;
-    while (done < len) {
-        ssize_t w = write(fd, data + done, len - done);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0) {
-            int e = errno;
-            close(fd);
-            errno = e;
-            return -1;
-        }
-        done += (size_t)w;
-    }
-    if (fsync(fd) != 0) {
-        int e = errno;
-        close(fd);
-        errno = e;
-        return -1;
-    }
-    return close(fd);
-}
-
-static int copy_file(const char *from, const char *to) {
-    int in = open(from, O_RDONLY | O_CLOEXEC);
-    if (in < 0)
-        return -1;
-    int out = open(to, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (out < 0) {
-        int e = errno;
-        close(in);
-        errno = e;
-        return -1;
-    }
-    char buf[1 << 16];
-    int rc = 0;
-    for (;;) {
-        ssize_t r = read(in, buf, sizeof buf);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0) {
-            rc = (int)r;
-            break;
-        }
-        for (ssize_t done = 0; done < r;) {
-            ssize_t w = write(out, buf + done, (size_t)(r - done));
-            if (w < 0 && errno == EINTR)
-                continue;
-            if (w < 0) {
-                rc = -1;
-                break;
-            }
-            done += w;
-        }
-        if (rc)
-            break;
-    }
-    int e = errno;
-    if (rc == 0 && fsync(out) != 0) {
-        rc = -1;
-        e = errno;
-    }
-    close(in);
-    if (close(out) != 0 && rc == 0) {
-        rc = -1;
-        e = errno;
-    }
-    errno = e;
-    return rc;
-}
-
-static int remove_entry(const char *path, const struct stat *st, int type, struct FTW *ftw) {
-    (void)st;
-    (void)type;
-    (void)ftw;
-    return remove(path);
-}
-
-/* Removes our own temp directory and everything in it (never follows symlinks). */
-static void remove_tree(const char *path) { nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS); }
-
-static uint64_t file_size(const char *path) {
-    struct stat st;
-    return stat(path, &st) == 0 ? (uint64_t)st.st_size : 0;
-}
-
 /* Total size of the *.safetensors files in a directory. */
 static uint64_t safetensors_bytes_in_dir(const char *dir) {
     uint64_t total = 0;
@@ -440,11 +308,10 @@ static uint64_t safetensors_bytes_in_dir(const char *dir) {
         return 0;
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
-        size_t n = strlen(e->d_name);
-        if (n > 12 && !strcmp(e->d_name + n - 12, ".safetensors")) {
-            char *p = path_join(dir, e->d_name);
+        if (ends_with(e->d_name, ".safetensors")) {
+            char *p = tool_path_join(dir, e->d_name);
             if (p)
-                total += file_size(p);
+                total += tool_file_size(p);
             free(p);
         }
     }
@@ -452,332 +319,119 @@ static uint64_t safetensors_bytes_in_dir(const char *dir) {
     return total;
 }
 
-/* ------------------------------------------------------------------ config.json editing */
-/* The config is validated with cJSON, then edited as text: the quantization_config member
- * is spliced in (or cut out) so every other byte of the user's file stays as it was
- * (cJSON would reprint "rope_theta": 10000.0 as 10000, reorder whitespace, etc.). */
-typedef struct json_member {
-    size_t key_start;   /* offset of the key's opening quote */
-    size_t value_end;   /* one past the value */
-    size_t sep_start;   /* start of the whitespace before the key (after '{' or ',') */
-    char key[64];       /* raw key text, truncated */
-} json_member;
-
-static size_t skip_ws(const char *s, size_t n, size_t i) {
-    while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r'))
-        i++;
-    return i;
-}
-
-static size_t skip_string(const char *s, size_t n, size_t i) {
-    for (i++; i < n && s[i] != '"'; i++)
-        if (s[i] == '\\')
-            i++;
-    return i < n ? i + 1 : n;
-}
-
-static size_t skip_value(const char *s, size_t n, size_t i) {
-    if (i >= n)
-        return n;
-    if (s[i] == '"')
-        return skip_string(s, n, i);
-    if (s[i] == '{' || s[i] == '[') {
-        int depth = 0;
-        while (i < n) {
-            if (s[i] == '"') {
-                i = skip_string(s, n, i);
-                continue;
-            }
-            if (s[i] == '{' || s[i] == '[')
-                depth++;
-            else if (s[i] == '}' || s[i] == ']')
-                depth--;
-            i++;
-            if (depth == 0)
-                break;
-        }
-        return i;
+/* ------------------------------------------------------------------ config.json */
+/* The quantization_config member exactly as transformers writes it (json.dumps with
+ * sort_keys=True), laid out like the rest of the file: one key per line with its indentation,
+ * or all on one line. skipped[nskipped]: llm_int8_skip_modules (null when none). */
+static char *quantization_member(const options *o, const tool_json_object *obj, char **skipped, size_t nskipped) {
+    char nl1[80] = "", nl2[160] = "", nl3[240] = "";
+    if (obj->multiline) { /* level 1 is the object's indentation; deeper levels repeat it */
+        snprintf(nl1, sizeof nl1, "\n%s", obj->indent);
+        snprintf(nl2, sizeof nl2, "\n%s%s", obj->indent, obj->indent);
+        snprintf(nl3, sizeof nl3, "\n%s%s%s", obj->indent, obj->indent, obj->indent);
     }
-    while (i < n && !strchr(",}] \t\r\n", s[i]))
-        i++;
-    return i;
-}
-
-/* Lists the top-level members of a JSON object that cJSON has already accepted. */
-static int scan_members(const char *s, size_t n, json_member **out, size_t *count, size_t *close_brace) {
-    size_t cap = 0, k = 0, i = skip_ws(s, n, 0);
-    json_member *m = NULL;
-    if (i >= n || s[i] != '{')
-        return -1;
-    i++;
-    for (;;) {
-        size_t sep = i;
-        i = skip_ws(s, n, i);
-        if (i >= n)
-            break;
-        if (s[i] == '}') {
-            *close_brace = i;
-            *out = m;
-            *count = k;
-            return 0;
-        }
-        if (k == cap) {
-            cap = cap ? 2 * cap : 32;
-            json_member *grown = realloc(m, cap * sizeof *m);
-            if (!grown)
-                break;
-            m = grown;
-        }
-        json_member *mem = &m[k++];
-        mem->sep_start = sep;
-        mem->key_start = i;
-        size_t key_end = skip_string(s, n, i);
-        size_t klen = key_end - i - 2 < sizeof mem->key - 1 ? key_end - i - 2 : sizeof mem->key - 1;
-        memcpy(mem->key, s + i + 1, klen);
-        mem->key[klen] = '\0';
-        i = skip_ws(s, n, key_end);
-        if (i >= n || s[i] != ':')
-            break;
-        i = skip_ws(s, n, i + 1);
-        mem->value_end = skip_value(s, n, i);
-        i = skip_ws(s, n, mem->value_end);
-        if (i < n && s[i] == ',')
-            i++;
-    }
-    free(m);
-    return -1;
-}
-
-static void append(char **buf, size_t *len, size_t *cap, const char *s, size_t n) {
-    if (!*buf && *cap)
-        return; /* an earlier allocation failed */
-    if (*len + n + 1 > *cap) {
-        size_t want = (*len + n + 1) * 2;
-        char *grown = realloc(*buf, want);
-        if (!grown) {
-            free(*buf);
-            *buf = NULL;
-            *cap = 1;
-            return;
-        }
-        *buf = grown;
-        *cap = want;
-    }
-    memcpy(*buf + *len, s, n);
-    *len += n;
-    (*buf)[*len] = '\0';
-}
-
-#define APPEND_STR(s) append(&buf, &len, &cap, (s), strlen(s))
-
-/* The quantization_config member exactly as transformers writes it (sorted keys, Python
- * json.dumps style), indented by `indent` per level; compact when indent is NULL. */
-static char *quantization_block(const options *o, char **skipped, size_t nskipped, const char *indent) {
-    char *buf = NULL;
-    size_t len = 0, cap = 0;
-    char nl1[80], nl2[96], nl3[112];
-    if (indent) {
-        snprintf(nl1, sizeof nl1, "\n%s", indent);
-        snprintf(nl2, sizeof nl2, "\n%s%s", indent, indent);
-        snprintf(nl3, sizeof nl3, "\n%s%s%s", indent, indent, indent);
-    } else {
-        nl1[0] = nl2[0] = nl3[0] = '\0';
-    }
-    const char *item_sep = indent ? "," : ", ";
-    const char *type = qlora_quant_type_name(o->quant.type);
-    char fields[13][96];
-    snprintf(fields[0], sizeof fields[0], "\"_load_in_4bit\": true");
-    snprintf(fields[1], sizeof fields[1], "\"_load_in_8bit\": false");
-    snprintf(fields[2], sizeof fields[2], "\"bnb_4bit_compute_dtype\": \"bfloat16\"");
-    snprintf(fields[3], sizeof fields[3], "\"bnb_4bit_quant_storage\": \"uint8\"");
-    snprintf(fields[4], sizeof fields[4], "\"bnb_4bit_quant_type\": \"%s\"", type);
-    snprintf(fields[5], sizeof fields[5], "\"bnb_4bit_use_double_quant\": %s",
-             o->quant.double_quant ? "true" : "false");
-    snprintf(fields[6], sizeof fields[6], "\"llm_int8_enable_fp32_cpu_offload\": false");
-    snprintf(fields[7], sizeof fields[7], "\"llm_int8_has_fp16_weight\": false");
-    fields[8][0] = '\0'; /* llm_int8_skip_modules: built below */
-    snprintf(fields[9], sizeof fields[9], "\"llm_int8_threshold\": 6.0");
-    snprintf(fields[10], sizeof fields[10], "\"load_in_4bit\": true");
-    snprintf(fields[11], sizeof fields[11], "\"load_in_8bit\": false");
-    snprintf(fields[12], sizeof fields[12], "\"quant_method\": \"bitsandbytes\"");
-
-    APPEND_STR("\"quantization_config\": {");
-    for (int f = 0; f < 13; f++) {
-        APPEND_STR(nl2);
-        if (f != 8) {
-            APPEND_STR(fields[f]);
+    const char *comma = obj->multiline ? "," : ", ";
+    char type[48], dq[48];
+    snprintf(type, sizeof type, "\"bnb_4bit_quant_type\": \"%s\"", qlora_quant_type_name(o->quant.type));
+    snprintf(dq, sizeof dq, "\"bnb_4bit_use_double_quant\": %s", o->quant.double_quant ? "true" : "false");
+    const char *fields[] = {"\"_load_in_4bit\": true",
+                            "\"_load_in_8bit\": false",
+                            "\"bnb_4bit_compute_dtype\": \"bfloat16\"",
+                            "\"bnb_4bit_quant_storage\": \"uint8\"",
+                            type,
+                            dq,
+                            "\"llm_int8_enable_fp32_cpu_offload\": false",
+                            "\"llm_int8_has_fp16_weight\": false",
+                            NULL, /* llm_int8_skip_modules */
+                            "\"llm_int8_threshold\": 6.0",
+                            "\"load_in_4bit\": true",
+                            "\"load_in_8bit\": false",
+                            "\"quant_method\": \"bitsandbytes\""};
+    const size_t nfields = sizeof fields / sizeof fields[0];
+    tool_strbuf b = {0};
+    tool_strbuf_puts(&b, "\"quantization_config\": {");
+    for (size_t f = 0; f < nfields; f++) {
+        tool_strbuf_puts(&b, nl2);
+        if (fields[f]) {
+            tool_strbuf_puts(&b, fields[f]);
         } else if (nskipped == 0) {
-            APPEND_STR("\"llm_int8_skip_modules\": null");
+            tool_strbuf_puts(&b, "\"llm_int8_skip_modules\": null");
         } else {
-            APPEND_STR("\"llm_int8_skip_modules\": [");
+            tool_strbuf_puts(&b, "\"llm_int8_skip_modules\": [");
             for (size_t i = 0; i < nskipped; i++) {
-                APPEND_STR(nl3);
-                APPEND_STR("\"");
-                for (const char *c = skipped[i]; *c; c++) { /* module names: escape just in case */
-                    char esc[8];
-                    if (*c == '"' || *c == '\\')
-                        snprintf(esc, sizeof esc, "\\%c", *c);
-                    else if ((unsigned char)*c < 0x20)
-                        snprintf(esc, sizeof esc, "\\u%04x", (unsigned)(unsigned char)*c);
-                    else
-                        snprintf(esc, sizeof esc, "%c", *c);
-                    APPEND_STR(esc);
-                }
-                APPEND_STR(i + 1 < nskipped ? "\"," : "\"");
-                if (!indent && i + 1 < nskipped)
-                    APPEND_STR(" ");
+                tool_strbuf_puts(&b, nl3);
+                tool_strbuf_json_string(&b, skipped[i]);
+                if (i + 1 < nskipped)
+                    tool_strbuf_puts(&b, comma);
             }
-            APPEND_STR(nl2);
-            APPEND_STR("]");
+            tool_strbuf_puts(&b, nl2);
+            tool_strbuf_puts(&b, "]");
         }
-        if (f < 12)
-            APPEND_STR(item_sep);
+        if (f + 1 < nfields)
+            tool_strbuf_puts(&b, comma);
     }
-    APPEND_STR(nl1);
-    APPEND_STR("}");
-    return buf;
-}
-
-/* Adds quantization_config to the config text: at its sorted place when the keys are sorted
- * (transformers writes sort_keys=True), else at the end. */
-static char *config_add_quantization(const char *text, size_t n, const json_member *m, size_t count,
-                                     size_t close_brace, const options *o, char **skipped, size_t nskipped) {
-    char indent[64] = "", sep[128] = "";
-    const char *ind = NULL;
-    if (count > 0) {
-        /* Separator before the first key, e.g. "\n  ": reuse its indent for our lines. */
-        size_t sl = m[0].key_start - m[0].sep_start;
-        if (sl >= sizeof sep)
-            sl = sizeof sep - 1;
-        memcpy(sep, text + m[0].sep_start, sl);
-        sep[sl] = '\0';
-        const char *last_nl = strrchr(sep, '\n');
-        if (last_nl) {
-            snprintf(indent, sizeof indent, "%s", last_nl + 1);
-            ind = indent;
-        }
-    }
-    char *block = quantization_block(o, skipped, nskipped, ind);
-    if (!block)
+    tool_strbuf_puts(&b, nl1);
+    tool_strbuf_puts(&b, "}");
+    if (b.failed) {
+        tool_strbuf_free(&b);
         return NULL;
-
-    int sorted = 1;
-    for (size_t i = 1; i < count; i++)
-        if (strcmp(m[i - 1].key, m[i].key) > 0)
-            sorted = 0;
-    size_t before = count; /* insert before this member; count = append */
-    if (sorted)
-        for (size_t i = 0; i < count && before == count; i++)
-            if (strcmp(m[i].key, "quantization_config") > 0)
-                before = i;
-
-    char *buf = NULL;
-    size_t len = 0, cap = 0;
-    if (count == 0) {
-        append(&buf, &len, &cap, text, close_brace);
-        APPEND_STR("\n  ");
-        APPEND_STR(block);
-        APPEND_STR("\n");
-        append(&buf, &len, &cap, text + close_brace, n - close_brace);
-    } else if (before < count) {
-        append(&buf, &len, &cap, text, m[before].key_start);
-        APPEND_STR(block);
-        APPEND_STR(",");
-        APPEND_STR(sep);
-        append(&buf, &len, &cap, text + m[before].key_start, n - m[before].key_start);
-    } else {
-        size_t end = m[count - 1].value_end;
-        append(&buf, &len, &cap, text, end);
-        APPEND_STR(",");
-        APPEND_STR(sep);
-        APPEND_STR(block);
-        append(&buf, &len, &cap, text + end, n - end);
     }
-    free(block);
-    return buf;
+    return b.data;
 }
 
-/* Cuts member k out of the config text, with one of its separating commas. */
-static char *config_remove_member(const char *text, size_t n, const json_member *m, size_t count, size_t k) {
-    size_t cut_from, cut_to;
-    if (k > 0) {
-        cut_from = m[k - 1].value_end;
-        cut_to = m[k].value_end;
-    } else if (count > 1) {
-        cut_from = m[0].key_start;
-        cut_to = m[1].key_start;
-    } else {
-        cut_from = m[0].sep_start;
-        cut_to = m[0].value_end;
-    }
-    char *buf = NULL;
-    size_t len = 0, cap = 0;
-    append(&buf, &len, &cap, text, cut_from);
-    append(&buf, &len, &cap, text + cut_to, n - cut_to);
-    return buf;
-}
-
-/* Reads IN/config.json and writes the edited copy into dir. Returns 0 or an exit code. */
-static int write_config(const options *o, const char *dir, char **skipped, size_t nskipped) {
-    char *in_path = path_join(o->in, "config.json"), *out_path = path_join(dir, "config.json");
-    char *text = NULL, *edited = NULL;
-    json_member *m = NULL;
+/* The config.json to write: IN's with quantization_config added (or, --dequantize, removed),
+ * in *out (malloc'ed; NULL when IN has none). Done before any weight is converted so a bad
+ * config fails at once. Returns 0 or an exit code. */
+static int edit_config(const options *o, char **skipped, size_t nskipped, char **out) {
+    char *path = tool_path_join(o->in, "config.json"), *text = NULL, *member = NULL;
+    tool_json_object obj;
+    memset(&obj, 0, sizeof obj);
     cJSON *root = NULL;
-    size_t n = 0, count = 0, close_brace = 0;
+    size_t n = 0;
     int rc = 0;
-    if (!in_path || !out_path) {
-        rc = EXIT_OUTPUT;
+    *out = NULL;
+    if (!path) {
         say("out of memory");
-        goto done;
+        return EXIT_OUTPUT;
     }
-    if (read_whole_file(in_path, &text, &n) != 0) {
+    if (tool_read_file(path, &text, &n) != 0) {
         if (errno == ENOENT) {
             if (!o->quiet)
                 say("note: %s has no config.json; none written", o->in);
-            goto done;
+        } else {
+            rc = EXIT_INPUT;
+            say("cannot read %s: %s", path, strerror(errno));
         }
-        rc = EXIT_INPUT;
-        say("cannot read %s: %s", in_path, strerror(errno));
         goto done;
     }
     root = cJSON_ParseWithLength(text, n);
-    if (!root || !cJSON_IsObject(root) || scan_members(text, n, &m, &count, &close_brace) != 0) {
+    if (!root || !cJSON_IsObject(root) || tool_json_scan(text, n, &obj) != 0) {
         rc = EXIT_INPUT;
-        say("%s: not a valid JSON object", in_path);
+        say("%s: not a valid JSON object", path);
         goto done;
     }
-    size_t existing = count;
-    for (size_t i = 0; i < count; i++)
-        if (!strcmp(m[i].key, "quantization_config"))
-            existing = i;
-    if (!o->dequantize) {
-        if (existing < count) {
-            rc = EXIT_INPUT;
-            say("%s already has a quantization_config: the model is quantized (use --dequantize)", in_path);
-            goto done;
-        }
-        edited = config_add_quantization(text, n, m, count, close_brace, o, skipped, nskipped);
-    } else if (existing < count) {
-        edited = config_remove_member(text, n, m, count, existing);
-    } else {
-        edited = strdup(text);
+    size_t existing = tool_json_find(&obj, "quantization_config");
+    if (!o->dequantize && existing < obj.count) {
+        rc = EXIT_INPUT;
+        say("%s already has a quantization_config: the model is quantized (use --dequantize)", path);
+        goto done;
     }
-    if (!edited) {
+    if (!o->dequantize) {
+        member = quantization_member(o, &obj, skipped, nskipped);
+        *out = member ? tool_json_insert(text, n, &obj, "quantization_config", member) : NULL;
+    } else {
+        *out = existing < obj.count ? tool_json_remove(text, n, &obj, existing) : strdup(text);
+    }
+    if (!*out) {
         rc = EXIT_OUTPUT;
         say("out of memory");
-        goto done;
-    }
-    if (write_new_file(out_path, edited, strlen(edited)) != 0) {
-        rc = EXIT_OUTPUT;
-        say("cannot write %s: %s", out_path, strerror(errno));
     }
 done:
     cJSON_Delete(root);
-    free(m);
-    free(edited);
+    tool_json_object_free(&obj);
+    free(member);
     free(text);
-    free(in_path);
-    free(out_path);
+    free(path);
     return rc;
 }
 
@@ -814,12 +468,12 @@ static int add_shard(input_files *f, const char *name) {
  * checkpoint reader has already validated them). Returns 0 or an exit code. */
 static int list_input_files(const char *in, input_files *f) {
     memset(f, 0, sizeof *f);
-    char *index_path = path_join(in, "model.safetensors.index.json"), *text = NULL;
+    char *index_path = tool_path_join(in, "model.safetensors.index.json"), *text = NULL;
     size_t n;
     int rc = 0;
     if (!index_path)
         return EXIT_OUTPUT;
-    if (read_whole_file(index_path, &text, &n) == 0) {
+    if (tool_read_file(index_path, &text, &n) == 0) {
         cJSON *root = cJSON_ParseWithLength(text, n);
         cJSON *map = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
         const cJSON *e;
@@ -838,8 +492,8 @@ static int list_input_files(const char *in, input_files *f) {
     }
     free(index_path);
     for (size_t i = 0; rc == 0 && i < f->nshards; i++) {
-        char *p = path_join(in, f->shards[i]);
-        uint64_t size = p ? file_size(p) : 0;
+        char *p = tool_path_join(in, f->shards[i]);
+        uint64_t size = p ? tool_file_size(p) : 0;
         free(p);
         f->total += size;
         if (size > f->largest)
@@ -867,7 +521,7 @@ static int copy_other_files(const options *o, const input_files *f, const char *
             skip = !strcmp(name, f->shards[i]);
         if (skip)
             continue;
-        char *from = path_join(o->in, name), *to = path_join(dir, name);
+        char *from = tool_path_join(o->in, name), *to = tool_path_join(dir, name);
         struct stat st;
         if (!from || !to) {
             say("out of memory");
@@ -878,7 +532,7 @@ static int copy_other_files(const options *o, const input_files *f, const char *
         } else if (S_ISDIR(st.st_mode)) {
             if (!o->quiet)
                 say("note: subdirectory %s not copied", from);
-        } else if (S_ISREG(st.st_mode) && copy_file(from, to) != 0) {
+        } else if (S_ISREG(st.st_mode) && tool_copy_file(from, to) != 0) {
             say("cannot copy %s to %s: %s", from, to, strerror(errno));
             rc = access(from, R_OK) == 0 ? EXIT_OUTPUT : EXIT_INPUT;
         }
@@ -1325,9 +979,14 @@ static int publish_dir(const char *tmp, const char *out) {
 
 static int run_directory(job *j, const char *out) {
     input_files files;
+    char *config = NULL;
     int rc = list_input_files(j->opt->in, &files);
-    if (rc)
+    if (rc == 0)
+        rc = edit_config(j->opt, j->skipped_modules, j->nskipped_modules, &config);
+    if (rc) {
+        free_input_files(&files);
         return rc;
+    }
     j->st.file_bytes_in = files.total;
     uint64_t max_shard = j->opt->max_shard_given ? j->opt->max_shard_bytes : files.nshards > 1 ? files.largest : 0;
 
@@ -1336,9 +995,10 @@ static int run_directory(job *j, const char *out) {
     if (mkdir(tmp, 0755) != 0) {
         say("cannot create %s: %s", tmp, strerror(errno));
         free_input_files(&files);
+        free(config);
         return EXIT_OUTPUT;
     }
-    char *weights = max_shard ? strdup(tmp) : path_join(tmp, "model.safetensors");
+    char *weights = max_shard ? strdup(tmp) : tool_path_join(tmp, "model.safetensors");
     if (!weights) {
         say("out of memory");
         rc = EXIT_OUTPUT;
@@ -1347,8 +1007,14 @@ static int run_directory(job *j, const char *out) {
         rc = convert(j, weights, max_shard);
     if (rc == 0)
         j->st.file_bytes_out = safetensors_bytes_in_dir(tmp);
-    if (rc == 0)
-        rc = write_config(j->opt, tmp, j->skipped_modules, j->nskipped_modules);
+    if (rc == 0 && config) {
+        char *path = tool_path_join(tmp, "config.json");
+        if (!path || tool_write_new_file(path, config, strlen(config)) != 0) {
+            say("cannot write %s/config.json: %s", tmp, path ? strerror(errno) : "out of memory");
+            rc = EXIT_OUTPUT;
+        }
+        free(path);
+    }
     if (rc == 0)
         rc = copy_other_files(j->opt, &files, tmp);
     if (rc == 0 && g_interrupted)
@@ -1358,8 +1024,9 @@ static int run_directory(job *j, const char *out) {
         rc = EXIT_OUTPUT;
     }
     if (rc != 0)
-        remove_tree(tmp);
+        tool_remove_tree(tmp);
     free(weights);
+    free(config);
     free_input_files(&files);
     return rc;
 }
@@ -1369,10 +1036,10 @@ static int run_file(job *j, const char *out) {
         say("--max-shard-size needs a model directory as IN (OUT is then a directory)");
         return EXIT_USAGE;
     }
-    j->st.file_bytes_in = file_size(j->opt->in);
+    j->st.file_bytes_in = tool_file_size(j->opt->in);
     int rc = convert(j, out, 0);
     if (rc == 0)
-        j->st.file_bytes_out = file_size(out);
+        j->st.file_bytes_out = tool_file_size(out);
     return rc;
 }
 
