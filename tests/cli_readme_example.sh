@@ -8,7 +8,8 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 awk '/^```c$/ {on=1; next} /^```$/ {if (on) exit} on {print}' "$src/README.md" > "$work/example.c"
 [ -s "$work/example.c" ] || { echo "README.md has no \`\`\`c block" >&2; exit 1; }
-cc -std=c11 -Wall -Wextra -Werror -I"$src/include" "$work/example.c" -L"$libdir" -lqlora -o "$work/example"
+# shellcheck disable=SC2086
+cc -std=c11 -Wall -Wextra -Werror ${QLORA_TEST_CFLAGS:-} -I"$src/include" "$work/example.c" -L"$libdir" -lqlora -o "$work/example"
 out=$(LD_LIBRARY_PATH="$libdir" "$work/example")
 echo "$out"
 # 256*512 weights: 65536 code bytes + 2048 absmax bytes + 8 nested floats (32 bytes) = 67616.
