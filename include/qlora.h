@@ -337,6 +337,12 @@ QLORA_API qlora_status qlora_bnb_load(qlora_ctx *ctx, const qlora_checkpoint *c,
 QLORA_API qlora_status qlora_bnb_declare(qlora_st_writer *w, const char *weight_name, const qlora_qtensor *q);
 QLORA_API qlora_status qlora_bnb_write(qlora_st_writer *w, const char *weight_name, const qlora_qtensor *q);
 
+/* ------------------------------------------------- memory accountant report */
+/* (section owned by the accountant/estimator work: reports, estimator) */
+
+/* ------------------------------------------------------- paged AdamW */
+/* (section owned by the optimizer work) */
+
 #ifdef __cplusplus
 }
 #endif
