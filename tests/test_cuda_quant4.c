@@ -117,20 +117,6 @@ static uint8_t *download_checked(gpu *g, const uint8_t *base, size_t bytes, size
 
 static size_t elem_size(qlora_dtype d) { return d == QLORA_F32 ? 4 : 2; }
 
-static void *to_dtype(const float *x, int64_t n, qlora_dtype dtype) {
-    void *out = malloc((size_t)(n ? n : 1) * elem_size(dtype));
-    ck_assert_ptr_nonnull(out);
-    for (int64_t i = 0; i < n; i++) {
-        if (dtype == QLORA_F32)
-            ((float *)out)[i] = x[i];
-        else if (dtype == QLORA_F16)
-            ((uint16_t *)out)[i] = ql_f32_to_f16(x[i]);
-        else
-            ((uint16_t *)out)[i] = ql_f32_to_bf16(x[i]);
-    }
-    return out;
-}
-
 /* N(0,1) data with zeros, tiny and large values mixed in; block 0 all zeros and block 1 made of
  * subnormal-sized values (1/absmax overflows to +Inf there) when the data has that many blocks. */
 static float *test_data(tu_rng *rng, int64_t n, int blocksize) {
@@ -159,7 +145,7 @@ static const int offsets[][2] = {{0, 0}, {1, 1}, {0, 1}};
 
 static void check_quantize(gpu *g, tu_rng *rng, qlora_dtype dtype, qlora_quant_type type, int bs, int64_t n) {
     float *x = test_data(rng, n, bs);
-    void *xin = to_dtype(x, n, dtype);
+    void *xin = tu_to_dtype(x, n, dtype);
     int64_t nblocks = (n + bs - 1) / bs;
     size_t ncodes = (size_t)(n + 1) / 2;
     uint8_t *want_codes = calloc(ncodes + 1, 1);
@@ -248,7 +234,7 @@ START_TEST(quantize_reports_the_first_nonfinite_element) {
                 x[pos[k]] = specials[k];
                 first = pos[k] < first ? pos[k] : first;
             }
-            void *xin = to_dtype(x, n, dtype);
+            void *xin = tu_to_dtype(x, n, dtype);
             uint8_t *d_x = dev_copy(&g, xin, (size_t)n * elem_size(dtype), 0);
             uint8_t *d_codes = dev_poisoned(&g, (size_t)(n + 1) / 2);
             uint8_t *d_absmax = dev_poisoned(&g, (size_t)(n / 64 + 1) * 4);

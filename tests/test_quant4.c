@@ -19,21 +19,6 @@ static uint32_t f_bits(float f) { return ql_f32_bits(f); }
 
 static size_t elem_size(qlora_dtype dtype) { return dtype == QLORA_F32 ? 4 : 2; }
 
-/* Converts float32 data to an input dtype (F32 copies). */
-static void *to_dtype(const float *x, int64_t n, qlora_dtype dtype) {
-    void *out = malloc((size_t)(n > 0 ? n : 1) * elem_size(dtype));
-    ck_assert_ptr_nonnull(out);
-    for (int64_t i = 0; i < n; i++) {
-        if (dtype == QLORA_F32)
-            ((float *)out)[i] = x[i];
-        else if (dtype == QLORA_F16)
-            ((uint16_t *)out)[i] = ql_f32_to_f16(x[i]);
-        else
-            ((uint16_t *)out)[i] = ql_f32_to_bf16(x[i]);
-    }
-    return out;
-}
-
 /* Random data with the awkward cases mixed in: exact zeros, tiny values (f16 subnormals), a
  * few large ones. */
 static float *random_data(tu_rng *rng, int64_t n) {
@@ -461,7 +446,7 @@ static void check_backend_case(qlora_ctx *ctx, const char *backend, const float 
     char what[160];
     snprintf(what, sizeof what, "%s n=%lld %s %s bs=%d dq=%d", backend, (long long)n, qlora_dtype_name(dtype),
              qlora_quant_type_name(p->type), p->blocksize, p->double_quant);
-    void *x = to_dtype(x32, n, dtype);
+    void *x = tu_to_dtype(x32, n, dtype);
     expected e = reference_quantize(x, dtype, n, p);
     int64_t shape[1] = {n};
     qlora_qtensor q;
@@ -698,7 +683,7 @@ START_TEST(fast_kernels_equal_reference_for_any_thread_count) {
     float *x32 = random_data(&rng, n);
     const float *dyn = qlora_dynamic_map_signed();
     for (int d = 0; d < 3; d++) {
-        void *x = to_dtype(x32, n, float_dtypes[d]);
+        void *x = tu_to_dtype(x32, n, float_dtypes[d]);
         for (int type = 0; type < 2; type++) {
             qlora_quant_params p = {(qlora_quant_type)type, 128, 1};
             expected e = reference_quantize(x, float_dtypes[d], n, &p);
@@ -789,7 +774,7 @@ START_TEST(non_finite_values_are_rejected_naming_the_element) {
     for (int b = 0; b < nb; b++) {
         qlora_ctx *ctx = tu_ctx(&bs[b]);
         for (int c = 0; c < 3; c++) {
-            void *x = to_dtype(x32, R * C, cases[c].dtype);
+            void *x = tu_to_dtype(x32, R * C, cases[c].dtype);
             put_value(x, cases[c].dtype, 20 * C + 7, cases[c].value);
             put_value(x, cases[c].dtype, 30 * C + 1, NAN); /* a later one is not reported */
             int64_t shape[2] = {R, C};

@@ -1,6 +1,8 @@
 /* Shared helpers for the Check suites (see testutil.h). */
 #include "testutil.h"
 
+#include "half.h"
+
 #include <errno.h>
 #include <ftw.h>
 #include <math.h>
@@ -95,6 +97,21 @@ double tu_normal(tu_rng *r) {
 void tu_fill_normal(tu_rng *r, float *x, int64_t n, float sigma) {
     for (int64_t i = 0; i < n; i++)
         x[i] = (float)(tu_normal(r) * sigma);
+}
+
+void *tu_to_dtype(const float *x, int64_t n, qlora_dtype dtype) {
+    size_t elem = dtype == QLORA_F32 ? 4 : 2;
+    void *out = malloc((size_t)(n > 0 ? n : 1) * elem);
+    ck_assert_ptr_nonnull(out);
+    for (int64_t i = 0; i < n; i++) {
+        if (dtype == QLORA_F32)
+            ((float *)out)[i] = x[i];
+        else if (dtype == QLORA_F16)
+            ((uint16_t *)out)[i] = ql_f32_to_f16(x[i]);
+        else
+            ((uint16_t *)out)[i] = ql_f32_to_bf16(x[i]);
+    }
+    return out;
 }
 
 char *tu_tempdir(void) {

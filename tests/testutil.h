@@ -52,6 +52,9 @@ double tu_normal(tu_rng *r);                 /* N(0, 1) */
 /* Fills x[n] with N(0, sigma^2) float32 values. */
 void tu_fill_normal(tu_rng *r, float *x, int64_t n, float sigma);
 
+/* Converts float32 data to F32/F16/BF16 (RNE) in a malloc'ed buffer (never NULL). */
+void *tu_to_dtype(const float *x, int64_t n, qlora_dtype dtype);
+
 /* Makes a fresh temp directory (removed by tu_rmtree). Returned string is malloc'ed. */
 char *tu_tempdir(void);
 void tu_rmtree(const char *path);
