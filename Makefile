@@ -5,8 +5,9 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 QLORA_CUDA ?= AUTO
 CMAKE_FLAGS ?=
 
-# Debian packages the build needs (Check + subunit for tests, cJSON, CMake, a C toolchain).
-DEB_PACKAGES := build-essential cmake pkg-config check libsubunit-dev libcjson-dev
+# Debian packages the build needs (Check + subunit for tests, cJSON, OpenBLAS in its OpenMP
+# build, CMake, a C toolchain).
+DEB_PACKAGES := build-essential cmake pkg-config check libsubunit-dev libcjson-dev libopenblas-openmp-dev
 
 .PHONY: all deps build test test-asan demo bench gpu-check install clean
 

@@ -65,6 +65,9 @@ static void release_state(ql_cuda_state *s) {
     if (s->d_scratch && cudaFree(s->d_scratch) != cudaSuccess)
         ql_log(QLORA_LOG_WARN, "ql_cuda_destroy: device %d: cudaFree(scratch) failed: %s", s->device,
                cudaGetErrorString(cudaGetLastError()));
+    if (s->d_workspace && cudaFree(s->d_workspace) != cudaSuccess)
+        ql_log(QLORA_LOG_WARN, "ql_cuda_destroy: device %d: cudaFree(workspace) failed: %s", s->device,
+               cudaGetErrorString(cudaGetLastError()));
     if (s->cublas) {
         cublasStatus_t st = cublasDestroy(s->cublas);
         if (st != CUBLAS_STATUS_SUCCESS)
@@ -75,6 +78,7 @@ static void release_state(ql_cuda_state *s) {
         ql_log(QLORA_LOG_WARN, "ql_cuda_destroy: device %d: cudaStreamDestroy failed: %s", s->device,
                cudaGetErrorString(cudaGetLastError()));
     pthread_mutex_destroy(&s->scratch_lock);
+    pthread_mutex_destroy(&s->workspace_lock);
     free(s);
 }
 
@@ -119,6 +123,12 @@ qlora_status ql_cuda_init(int device, ql_cuda_state **out) {
         free(s);
         return ql_fail(QLORA_ERR_INTERNAL, "ql_cuda_init: pthread_mutex_init failed");
     }
+    if (pthread_mutex_init(&s->workspace_lock, NULL) != 0) {
+        pthread_mutex_destroy(&s->scratch_lock);
+        free(s);
+        return ql_fail(QLORA_ERR_INTERNAL, "ql_cuda_init: pthread_mutex_init failed");
+    }
+    s->workspace_cap = QL_CUDA_WORKSPACE_CAP_DEFAULT;
     qlora_status st;
     {
         ql_device_scope scope;

@@ -51,6 +51,50 @@ qlora_status ql_cuda_double_quant(ql_cuda_state *s, const float *d_absmax, int64
 qlora_status ql_cuda_dequantize_4bit(ql_cuda_state *s, const qlora_qtensor *q, void *d_out,
                                      qlora_dtype out_dtype);
 
+/* ---- device memory as the driver sees it (cuda/mem_info.cu), for the memory accountant ----
+ * cudaMemGetInfo on the state's device: free and total bytes of the whole device. */
+qlora_status ql_cuda_mem_info(ql_cuda_state *s, size_t *free_bytes, size_t *total_bytes);
+
+/* ---- streams, events and asynchronous copies (cuda/stream.cu), for the optimizer pager ----
+ * Opaque handles to cudaStream_t / cudaEvent_t of the state's device. A NULL stream means the
+ * context stream (never the legacy default stream). Destroy functions first wait for the work
+ * that uses the handle; their failures are logged. */
+typedef struct ql_cuda_stream ql_cuda_stream;
+typedef struct ql_cuda_event ql_cuda_event;
+
+qlora_status ql_cuda_stream_create(ql_cuda_state *s, ql_cuda_stream **out);   /* non-blocking */
+void ql_cuda_stream_destroy(ql_cuda_state *s, ql_cuda_stream *stream);
+qlora_status ql_cuda_stream_synchronize(ql_cuda_state *s, ql_cuda_stream *stream);
+/* timing = 0 creates a cudaEventDisableTiming event (cheaper to record and wait for). */
+qlora_status ql_cuda_event_create(ql_cuda_state *s, int timing, ql_cuda_event **out);
+void ql_cuda_event_destroy(ql_cuda_state *s, ql_cuda_event *event);
+qlora_status ql_cuda_event_record(ql_cuda_state *s, ql_cuda_event *event, ql_cuda_stream *stream);
+/* Work queued on `stream` after this call waits for the event's latest record (none: no wait). */
+qlora_status ql_cuda_stream_wait_event(ql_cuda_state *s, ql_cuda_stream *stream, ql_cuda_event *event);
+/* Milliseconds between two completed timing events. */
+qlora_status ql_cuda_event_elapsed_ms(ql_cuda_state *s, ql_cuda_event *start, ql_cuda_event *end, float *ms);
+/* Queued on `stream`, not waited for: the host side must be pinned memory for the copy to be
+ * asynchronous, and must stay untouched until the stream has passed it. */
+qlora_status ql_cuda_memcpy_async(ql_cuda_state *s, ql_cuda_stream *stream, void *dst, const void *src,
+                                  size_t bytes);
+qlora_status ql_cuda_memset_async(ql_cuda_state *s, ql_cuda_stream *stream, void *d_dst, int value,
+                                  size_t bytes);
+
+/* ---- AdamW (cuda/adamw.cu) ----
+ * Bit-identical to ql_adamw_update_ref (lib/adamw.h): the same float32 operations in the same
+ * order, each explicitly rounded (no FMA contraction), the BF16 parameter rounded RNE. Queued on
+ * the context stream, not waited for. d_param: BF16 [n]; d_master: F32 [n] or NULL (BF16-only);
+ * d_grad: F32 or BF16 [n]; d_m, d_v: F32 [n]. */
+struct ql_adamw_step;
+qlora_status ql_cuda_adamw_update(ql_cuda_state *s, const struct ql_adamw_step *step, uint16_t *d_param,
+                                  float *d_master, const void *d_grad, qlora_dtype grad_dtype, float *d_m,
+                                  float *d_v, int64_t n);
+/* Sum of squares of d_grad[n] (F32 or BF16) in double, in a fixed tree that depends only on n
+ * and the dtype: the same bits run to run, equal to ql_grad_sumsq_ref within double rounding.
+ * Waits for the result. *nonfinite (may be NULL) = 1 if any element is NaN/Inf. */
+qlora_status ql_cuda_grad_sumsq(ql_cuda_state *s, const void *d_grad, qlora_dtype grad_dtype, int64_t n,
+                                double *sumsq, int *nonfinite);
+
 #ifdef __cplusplus
 }
 #endif

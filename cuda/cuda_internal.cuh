@@ -23,6 +23,10 @@ typedef struct ql_cuda_scratch {
     float offset;                       /* double-quant mean, computed on the device */
 } ql_cuda_scratch;
 
+/* Default bound of the dequantize workspace: a Llama-7B MLP weight (11008 x 4096 BF16, 86 MiB)
+ * is one chunk; a 70B one (28672 x 8192, 448 MiB) is four. */
+#define QL_CUDA_WORKSPACE_CAP_DEFAULT ((size_t)128 << 20)
+
 struct ql_cuda_state {
     int device;
     int sm_count;
@@ -30,6 +34,13 @@ struct ql_cuda_state {
     cublasHandle_t cublas; /* bound to stream */
     ql_cuda_scratch *d_scratch;
     pthread_mutex_t scratch_lock;
+    /* Grow-only BF16 workspace of the dequantize + cuBLAS matmul path (cuda/nf4_matmul.cu): W is
+     * dequantized into it chunk by chunk, at most workspace_cap bytes per chunk. Freed by
+     * ql_cuda_destroy; one launcher uses it at a time (workspace_lock), the stream orders the rest. */
+    void *d_workspace;
+    size_t workspace_bytes;
+    size_t workspace_cap;
+    pthread_mutex_t workspace_lock;
 };
 
 /* Builds the error for a failed call and clears the (non-sticky) last error so that the next

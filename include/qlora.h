@@ -337,11 +337,373 @@ QLORA_API qlora_status qlora_bnb_load(qlora_ctx *ctx, const qlora_checkpoint *c,
 QLORA_API qlora_status qlora_bnb_declare(qlora_st_writer *w, const char *weight_name, const qlora_qtensor *q);
 QLORA_API qlora_status qlora_bnb_write(qlora_st_writer *w, const char *weight_name, const qlora_qtensor *q);
 
+/* ---------------------------------------------------------- QLoRA linear layer */
+/* A linear layer whose frozen weight W [out, in] is 4-bit (NF4 or FP4, optionally double
+ * quantized) plus trainable low-rank adapters A [r, in] and B [out, r] in BF16, with PEFT's
+ * LoRA semantics (adapters move between the two):
+ *
+ *   Y  = X·Wᵀ (+ bias) + Σ_enabled s · H·Bᵀ,        H = bf16(dropout(X)·Aᵀ)  [M, r]
+ *   dX = dY·W + Σ s · dropout'(G·A),                 G = bf16(dY·B)           [M, r]
+ *   dB += s · dYᵀ·H,     dA += s · Gᵀ·dropout(X)     (W never gets a gradient)
+ *
+ * X, Y, dY, dX are BF16 [..., in] / [..., out] (M = the product of the leading dimensions).
+ * Products accumulate in FP32 (the CPU reference in FP64); H and G are rounded to BF16 (as the
+ * GPU stores them) and the CPU rounds Y and dX to BF16 once, at the end. CUDA multiplies W's
+ * values rounded to BF16 (as bitsandbytes does) and rounds the LoRA part of Y and dX to BF16
+ * before the 4-bit matmul adds onto it. s = alpha / r, or alpha / sqrt(r) with rsLoRA.
+ * dropout(x) = bf16(x / (1 - p)) where kept, 0 where dropped; dropout' applies the same mask
+ * and scale to the gradient. Element (i, k) is kept iff
+ * Philox4x32-10 (key: the adapter's key, counter stream: the forward's rng_stream, index
+ * i·in + k; see lib/philox.h) gives a uniform >= p, so masks are identical on every backend and
+ * reproducible from (seed, stream). The adapter's key mixes its seed with the weight's name and
+ * the adapter's name, so layers and adapters that share a seed still draw independent masks and
+ * inits. Stream UINT64_MAX is reserved for the initialization of A.
+ *
+ * Saved for backward: H per enabled adapter, 2·r bytes per token per adapter (BF16, category
+ * ACTIVATIONS). The dropout masks are recomputed from the RNG, not stored, and the input X is
+ * not copied: the caller keeps it until backward.
+ *
+ * A layer is used by one thread at a time. The weight and the bias are referenced, not copied:
+ * they must outlive the layer, stay on the context's device, and not change between a forward
+ * and its backward. */
+
+#define QLORA_LINEAR_MAX_ADAPTERS 8
+
+typedef struct qlora_lora_params {
+    int rank;              /* r >= 1 */
+    float alpha;           /* lora_alpha (finite) */
+    int use_rslora;        /* 0: s = alpha / r; 1: s = alpha / sqrt(r) */
+    float dropout;         /* p in [0, 1): LoRA dropout on the adapter input in training */
+    uint64_t seed;         /* init of A and the dropout masks */
+    qlora_dtype grad_dtype;/* QLORA_BF16 (the QLoRA recipe) or QLORA_F32 */
+} qlora_lora_params;
+
+/* QLoRA's recipe: r 64, alpha 16, no rsLoRA, dropout 0.1 (the paper's value for 7B and 13B;
+ * it used 0.05 for 33B and 65B), seed 0, BF16 gradients. */
+QLORA_API qlora_lora_params qlora_lora_default_params(void);
+/* The scaling s of a parameter set (alpha / r or alpha / sqrt(r)); NaN when rank < 1. */
+QLORA_API float qlora_lora_scaling(const qlora_lora_params *params);
+
+typedef struct qlora_linear qlora_linear;
+
+/* Creates a layer over `weight`, a 2-D quantized tensor [out, in] on the context's device
+ * (QLORA_ERR_DEVICE otherwise), and an optional bias, NULL or BF16 [out] on the same device.
+ * Both are referenced (see above); qlora_linear_merge rewrites the weight. */
+QLORA_API qlora_status qlora_linear_create(qlora_ctx *ctx, qlora_qtensor *weight, const qlora_tensor *bias,
+                                           qlora_linear **out);
+/* Frees the layer and its adapters (not the weight or the bias). NULL is a no-op. */
+QLORA_API void qlora_linear_free(qlora_linear *lin);
+QLORA_API int64_t qlora_linear_in_features(const qlora_linear *lin);
+QLORA_API int64_t qlora_linear_out_features(const qlora_linear *lin);
+
+/* Attaches an adapter (enabled) named `name` (1-63 characters, no dots or spaces, unique in the
+ * layer, e.g. "default"); params NULL:
+ * the defaults. A is initialized as PEFT does (kaiming_uniform with a = sqrt(5), i.e. uniform in
+ * ±1/sqrt(in)) from the adapter's key, B and the gradients are zero. A and B are allocated as
+ * ADAPTER_WEIGHTS, dA and dB as ADAPTER_GRADS. *id (may be NULL) receives its index 0, 1, ... */
+QLORA_API qlora_status qlora_linear_add_adapter(qlora_linear *lin, const char *name, const qlora_lora_params *params,
+                                                int *id);
+/* The index of the adapter called `name`: QLORA_ERR_NOT_FOUND if none. */
+QLORA_API qlora_status qlora_linear_find_adapter(const qlora_linear *lin, const char *name, int *id);
+QLORA_API qlora_status qlora_linear_adapter_params(const qlora_linear *lin, int id, qlora_lora_params *out);
+/* Enabled adapters take part in forward and backward; disabled ones are skipped entirely. */
+QLORA_API qlora_status qlora_linear_adapter_enable(qlora_linear *lin, int id, int enabled);
+/* Descriptors of the adapter's tensors on the context's device, for the optimizer and for
+ * saving/loading (write A and B through them; the layer owns the storage). Any output may be
+ * NULL. Names are "<weight name without .weight>.lora_A.<adapter>.weight" and so on, as in PEFT's
+ * state dict; the gradients add ".grad". A [r, in], B [out, r] BF16; dA, dB in grad_dtype. */
+QLORA_API qlora_status qlora_linear_adapter_tensors(const qlora_linear *lin, int id, qlora_tensor *a, qlora_tensor *b,
+                                                    qlora_tensor *grad_a, qlora_tensor *grad_b);
+/* Sets every adapter's gradients to zero (backward accumulates into them). */
+QLORA_API qlora_status qlora_linear_zero_grads(qlora_linear *lin);
+
+typedef struct qlora_linear_fwd_opts {
+    int training;          /* 1: LoRA dropout is applied (with the adapter's p) */
+    uint64_t rng_stream;   /* dropout counter: advance it every step (and micro-batch) so masks differ
+                            * between steps and can be replayed; UINT64_MAX is reserved */
+} qlora_linear_fwd_opts;
+
+/* What a forward keeps for its backward. Zero-initialize it (= {0}) before the first forward;
+ * qlora_linear_saved_free empties it again. */
+typedef struct qlora_linear_saved {
+    const qlora_linear *layer;                    /* the layer that filled it, NULL when empty */
+    int64_t rows;                                 /* M */
+    int training;
+    uint64_t rng_stream;
+    int count;                                    /* adapters enabled at the forward */
+    int adapter[QLORA_LINEAR_MAX_ADAPTERS];       /* their ids */
+    qlora_tensor h[QLORA_LINEAR_MAX_ADAPTERS];    /* H [M, r] BF16 on the context's device */
+} qlora_linear_saved;
+
+/* y = layer(x), x [..., in] and y [..., out] BF16 with the same leading dimensions, on the
+ * context's device; y must not overlap x. opts NULL: inference (no dropout). saved NULL: nothing
+ * is kept (inference); otherwise it must be empty and receives what backward needs. */
+QLORA_API qlora_status qlora_linear_forward(qlora_linear *lin, const qlora_tensor *x, qlora_tensor *y,
+                                            const qlora_linear_fwd_opts *opts, qlora_linear_saved *saved);
+/* Backward of the forward that filled `saved`, with the same x: accumulates the gradients of the
+ * adapters that were enabled then, and writes dx ([..., in] BF16) unless dx is NULL (the first
+ * layer needs none). The dropout masks are those of the forward (its stream is in `saved`).
+ * On CUDA, dx with two or more adapters that train with dropout is QLORA_ERR_UNSUPPORTED. */
+QLORA_API qlora_status qlora_linear_backward(qlora_linear *lin, const qlora_tensor *x, const qlora_tensor *dy,
+                                             const qlora_linear_saved *saved, qlora_tensor *dx);
+/* Releases the activations held by `saved` and empties it. NULL or empty: no-op. */
+QLORA_API void qlora_linear_saved_free(qlora_linear_saved *saved);
+
+/* Merges adapter `id` into the frozen weight: W' = dequant(W) + s·B·A in FP32, re-quantized
+ * with `requant` (NULL: the weight's own type, blocksize and double quantization). This changes
+ * the weight the layer references (in place when the layout is unchanged; otherwise its storage
+ * is replaced, so it must come from this context's allocator) and disables the adapter, whose
+ * tensors stay available. Rounding to 4 bits makes the merged layer only approximately equal to
+ * the layer with the adapter. Any saved activations of this layer are invalid afterwards. */
+QLORA_API qlora_status qlora_linear_merge(qlora_linear *lin, int id, const qlora_quant_params *requant);
+
 /* ------------------------------------------------- memory accountant report */
-/* (section owned by the accountant/estimator work: reports, estimator) */
+/* The accountant's tables, written like snprintf into buf[cap] (NUL-terminated, truncated when
+ * cap is too small; buf may be NULL when cap is 0). *needed receives the size of the whole
+ * report, NUL included: call once with cap 0 to size the buffer. Allocations made between two
+ * calls can make the second report longer. The library never prints; the caller does.
+ * Text: one row per category with current and peak bytes on host and device, then totals
+ * (the peak of the sum, not the sum of peaks). On a CUDA context both reports add the device's
+ * own view (qlora_mem_device_info). */
+QLORA_API qlora_status qlora_mem_report_text(const qlora_ctx *ctx, char *buf, size_t cap, size_t *needed);
+/* One JSON object, every count an integer in bytes:
+ *   {"backend": "cpu"|"cuda", "device": -1|index,
+ *    "categories": {"base_weights": {"host": {"current": N, "peak": N}, "device": {...}}, ...},
+ *    "total": {"host": {"current": N, "peak": N}, "device": {...}},
+ *    "allocations": N, "live_allocations": N,
+ *    "device_memory": {"free": N, "total": N, "used": N, "tracked": N, "untracked": N}}
+ * "device_memory" only on a CUDA context; "untracked" may be negative. */
+QLORA_API qlora_status qlora_mem_report_json(const qlora_ctx *ctx, char *buf, size_t cap, size_t *needed);
+
+/* The device's own view of its memory (cudaMemGetInfo) next to the accountant's. */
+typedef struct qlora_mem_device_info {
+    int available;              /* 1 on a CUDA context; 0 on a CPU one (and all else 0) */
+    uint64_t free_bytes;
+    uint64_t total_bytes;
+    uint64_t used_bytes;        /* total - free: all processes, CUDA contexts, cuBLAS, libqlora */
+    uint64_t tracked_bytes;     /* the accountant's current device total */
+    int64_t untracked_bytes;    /* used - tracked: what did not go through qlora_alloc (the CUDA
+                                   context, cuBLAS workspaces, other processes, cudaMalloc rounding) */
+} qlora_mem_device_info;
+QLORA_API qlora_status qlora_mem_device_info_get(const qlora_ctx *ctx, qlora_mem_device_info *out);
+
+/* ---- The analytic estimator: what training a model needs, before loading it. Every formula
+ * is written down in docs/memory.md. Bytes are exact integers; GB in docs means 10^9 bytes. */
+
+/* The shape of a Llama-family decoder (Llama 1/2/3, Mistral, Qwen2): pre-norm layers of
+ * attention (q, k, v, o) and a SwiGLU MLP (gate, up, down), RMSNorm, untied or tied lm_head. */
+typedef struct qlora_model_config {
+    char name[QLORA_NAME_MAX];  /* the preset name, or "<model_type> (<path>)" */
+    int64_t hidden_size;        /* H */
+    int64_t intermediate_size;  /* I: MLP inner size */
+    int64_t num_layers;         /* L */
+    int64_t num_heads;          /* nh */
+    int64_t num_kv_heads;       /* nkv: == nh without grouped-query attention */
+    int64_t head_dim;           /* d: hidden_size / num_heads unless the config says otherwise */
+    int64_t vocab_size;         /* V */
+    int tie_word_embeddings;    /* lm_head shares the embedding matrix */
+    int qkv_bias;               /* q, k, v have a bias (Qwen2; Llama with attention_bias) */
+    int o_bias;                 /* o_proj has a bias (Llama with attention_bias) */
+    int mlp_bias;               /* gate, up, down have a bias */
+    double rope_theta;          /* RoPE base, 0 when the config has none (not used for memory) */
+} qlora_model_config;
+
+/* Reads a Hugging Face config.json: transformers 4.x names (rope_theta, torch_dtype) and 5.x
+ * ones (rope_parameters, dtype); a multimodal config's "text_config" when the top level has no
+ * hidden_size. QLORA_ERR_NOT_FOUND / QLORA_ERR_IO when the file cannot be read;
+ * QLORA_ERR_FORMAT naming the file and the field when one is missing, mistyped, out of range
+ * or inconsistent (e.g. hidden_size not divisible by num_attention_heads without head_dim). */
+QLORA_API qlora_status qlora_model_config_from_json_file(const char *path, qlora_model_config *out);
+/* A preset with the published dimensions (docs/memory.md lists them with their sources):
+ * llama-7b, llama-13b, llama-33b, llama-65b, llama-2-70b, llama-3-8b, llama-3-70b,
+ * mistral-7b, qwen2.5-7b. QLORA_ERR_NOT_FOUND listing the valid names. */
+QLORA_API qlora_status qlora_model_config_preset(const char *name, qlora_model_config *out);
+/* The index-th preset name, NULL past the end. */
+QLORA_API const char *qlora_model_preset_name(size_t index);
+/* QLORA_ERR_INVALID_ARG naming the field unless every size is positive and sane (limits in
+ * docs/memory.md), nkv divides nh, and the parameter count stays below 10^14. */
+QLORA_API qlora_status qlora_model_config_validate(const qlora_model_config *cfg);
+
+typedef enum qlora_lora_targets {
+    QLORA_TARGETS_ALL_LINEAR = 0,  /* q, k, v, o, gate, up, down: the QLoRA recipe */
+    QLORA_TARGETS_ATTENTION = 1    /* q, k, v, o */
+} qlora_lora_targets;
+
+typedef struct qlora_train_settings {
+    int64_t seq_len;            /* tokens per sequence (default 512) */
+    int64_t micro_batch;        /* sequences per forward/backward pass (1) */
+    int64_t lora_rank;          /* r (64) */
+    qlora_lora_targets targets; /* (all-linear) */
+    int grad_checkpointing;     /* keep each layer's input only and recompute the layer (1) */
+    int optimizer_state_bytes;  /* per trainable parameter: 8 = AdamW with FP32 m and v (8);
+                                   2 = 8-bit Adam; 0 = plain SGD. At most 16 */
+    int master_weights;         /* FP32 master copy of the trainable parameters (0) */
+    int page_optimizer;         /* optimizer state paged out to host memory (0) */
+    qlora_dtype adapter_dtype;  /* LoRA weights and gradients: BF16 (default), F16 or F32 */
+} qlora_train_settings;
+
+QLORA_API qlora_train_settings qlora_train_default_settings(void);
+
+typedef enum qlora_train_regime {
+    QLORA_REGIME_FULL_16BIT = 0,  /* every weight trained: BF16 weights and gradients */
+    QLORA_REGIME_LORA_16BIT = 1,  /* frozen BF16 base + LoRA adapters */
+    QLORA_REGIME_QLORA = 2,       /* frozen NF4 + double-quant base (blocksize 64) + LoRA */
+    QLORA_REGIME_COUNT
+} qlora_train_regime;
+
+/* "full_finetune_16bit", "lora_16bit", "qlora" ("invalid" otherwise). */
+QLORA_API const char *qlora_train_regime_name(qlora_train_regime regime);
+
+typedef struct qlora_mem_estimate_result {
+    uint64_t params_total;      /* parameters of the base model */
+    uint64_t params_linear;     /* of which in the decoder layers' linear weights */
+    uint64_t params_trainable;  /* every parameter (full finetuning) or the LoRA A and B */
+    /* Predicted peak bytes per accountant category (at the start of the backward pass). For
+     * the 16-bit regimes base_weights holds the BF16 linear weights. */
+    uint64_t bytes[QLORA_MEM_CATEGORY_COUNT];
+    /* The same grouped as qlora-mem prints them; total is the sum of the five. */
+    uint64_t weights;           /* base_weights + quant_state + dense_weights */
+    uint64_t trainable;         /* adapter_weights + master_weights (full finetuning trains the
+                                   weights in place: only a master copy adds to this) */
+    uint64_t gradients;         /* adapter_grads (the gradient of whatever is trained) */
+    uint64_t optimizer;         /* optimizer_device + optimizer_host */
+    uint64_t activations;       /* activations + checkpoints + workspace */
+    uint64_t total;
+    uint64_t device_total;      /* total - optimizer_host: what must fit on the GPU */
+} qlora_mem_estimate_result;
+
+/* Predicts the memory of training cfg with settings (NULL: the defaults) in a regime.
+ * QLORA_ERR_INVALID_ARG naming the field for an invalid config or setting. */
+QLORA_API qlora_status qlora_mem_estimate(const qlora_model_config *cfg, const qlora_train_settings *settings,
+                                          qlora_train_regime regime, qlora_mem_estimate_result *out);
 
 /* ------------------------------------------------------- paged AdamW */
-/* (section owned by the optimizer work) */
+/* AdamW with float32 moments for BF16 trainable tensors (LoRA adapters), the update of
+ * bitsandbytes' paged_adamw_32bit: per element, in float32,
+ *   g = grad * grad_scale * clip_coef
+ *   m = beta1 m + (1 - beta1) g;   v = beta2 v + (1 - beta2) g^2
+ *   p = p - (lr c2 / c1) m / (sqrt(v) + eps c2),   c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t)
+ *   p = p (1 - lr weight_decay)    (decoupled decay applied AFTER the Adam step, as bitsandbytes
+ *                                   does; PyTorch's AdamW shrinks p before it)
+ * with t = 1 for the first update. p is the FP32 master copy when master_weights is on (the BF16
+ * parameter is then its rounding), else the BF16 parameter itself, rounded to nearest even.
+ *
+ * Paging. The state of every parameter is cut into pages of page_bytes: page j of a parameter
+ * holds elements [j*E, (j+1)*E) with E = elements_per_page (page_bytes / (4 * states), rounded
+ * down to a multiple of 64; states = 2 for m, v, or 3 with a master copy). A page is resident in
+ * the device pool or evicted to pinned host memory; each step visits the pages in registration
+ * order and makes each resident just before its update (and prefetches the next one while it
+ * runs, on a copy stream). With gpu_mem_limit at most floor(gpu_mem_limit / page_bytes) pages
+ * are resident; when a page must come in and the pool is full, the resident page whose next use
+ * in that fixed order is farthest away is evicted, never the page being updated (for a cyclic
+ * order this keeps most pages in place, where least-recently-used would miss on every page;
+ * the counts are deterministic and equal on every backend). A failed device
+ * allocation while the pool grows caps the pool and evicts instead. Paging never changes a
+ * result: a paged run equals an unpaged one bit for bit. On a CPU context the same page table
+ * runs against a simulated device pool (host memory counted as device-pool categories).
+ *
+ * Memory accountant: pool pages count as optimizer_device (m, v) and master_weights (the FP32
+ * copy); host copies of evicted pages (kept for reuse once made) count as optimizer_host. */
+
+typedef enum qlora_lr_kind {
+    QLORA_LR_CONSTANT = 0,   /* constant after warmup (the QLoRA recipe) */
+    QLORA_LR_LINEAR = 1,     /* linear decay to min_lr after warmup */
+    QLORA_LR_COSINE = 2      /* half-cosine decay to min_lr after warmup */
+} qlora_lr_kind;
+
+/* The learning rate of update s (s = updates already taken: 0 for the first, as in Hugging
+ * Face's LambdaLR schedulers), with W = warmup_steps, T = total_steps, r = min_lr_ratio:
+ *   s < W:     lr * s / W                                       (so the first update uses lr 0)
+ *   CONSTANT:  lr
+ *   LINEAR:    lr * (r + (1 - r) * max(0, (T - s) / max(1, T - W)))
+ *   COSINE:    lr * (r + (1 - r) * 0.5 * (1 + cos(pi * min(1, (s - W) / max(1, T - W)))))
+ * With r = 0 these are transformers' get_{constant,linear,cosine}_schedule_with_warmup, except
+ * that cosine holds min_lr after T instead of rising again. */
+typedef struct qlora_lr_schedule {
+    qlora_lr_kind kind;
+    double lr;              /* peak learning rate, >= 0 */
+    int64_t warmup_steps;   /* >= 0 */
+    int64_t total_steps;    /* LINEAR/COSINE: > 0, the update at which min_lr is reached */
+    double min_lr_ratio;    /* LINEAR/COSINE floor as a fraction of lr, in [0, 1] */
+} qlora_lr_schedule;
+
+/* *lr = the schedule's learning rate for update `step` (>= 0). Fails on an invalid schedule,
+ * naming the field. */
+QLORA_API qlora_status qlora_lr_at(const qlora_lr_schedule *schedule, int64_t step, double *lr);
+
+typedef struct qlora_adamw_params {
+    double beta1;             /* 0.9 */
+    double beta2;             /* 0.999 */
+    double eps;               /* 1e-8 */
+    double weight_decay;      /* 0.0 (QLoRA) */
+    double max_grad_norm;     /* global L2 clipping threshold, 0 = off; 0.3 (QLoRA) */
+    int master_weights;       /* 1: keep an FP32 master copy of each parameter; 0 (QLoRA) */
+    uint64_t gpu_mem_limit;   /* bytes of the device pool for state pages; 0 = no limit */
+    size_t page_bytes;        /* bytes per page, >= 256 * states; 2 MiB */
+    qlora_lr_schedule schedule; /* CONSTANT, lr 2e-4, no warmup */
+} qlora_adamw_params;
+
+typedef struct qlora_optimizer qlora_optimizer;
+
+/* What one qlora_optimizer_step did. */
+typedef struct qlora_step_report {
+    int64_t step;          /* updates taken so far (this one included unless skipped) */
+    int skipped;           /* 1: a gradient held NaN/Inf; nothing was written */
+    int64_t skipped_total; /* steps skipped so far (saved and restored with the state) */
+    double grad_norm;      /* global L2 norm of grad * grad_scale before clipping; NaN if skipped */
+    double clip_coef;      /* min(1, max_grad_norm / (grad_norm + 1e-6)); 1 without clipping */
+    double lr;             /* learning rate of this update (of the update that was skipped) */
+} qlora_step_report;
+
+typedef struct qlora_paging_stats {
+    uint64_t pages_total;       /* pages of all registered parameters */
+    uint64_t pages_on_device;   /* resident now */
+    uint64_t pool_pages;        /* device page slots allocated so far */
+    uint64_t pool_limit;        /* most slots the pool may hold: from gpu_mem_limit or a failed
+                                   device allocation; 0 = no limit */
+    uint64_t elements_per_page;
+    uint64_t page_outs, page_ins;  /* device -> host and host -> device page copies */
+    uint64_t bytes_out, bytes_in;
+    double seconds;             /* time spent copying pages (CUDA: measured on the copy stream
+                                   with events; CPU: wall time of the copies) */
+} qlora_paging_stats;
+
+QLORA_API qlora_adamw_params qlora_adamw_default_params(void);
+/* params NULL: the defaults. The optimizer belongs to ctx and must be freed before it. */
+QLORA_API qlora_status qlora_adamw_create(qlora_ctx *ctx, const qlora_adamw_params *params,
+                                          qlora_optimizer **out);
+/* Registers a trainable tensor (before the first step): param BF16 and grad BF16 or F32 with
+ * the same number of elements, both on the context's device, neither moved nor freed while the
+ * optimizer lives. param->name (non-empty, unique) names the state in errors and save files.
+ * The state starts at zero (the master copy at the parameter's value). */
+QLORA_API qlora_status qlora_optimizer_add_param(qlora_optimizer *opt, const qlora_tensor *param,
+                                                 const qlora_tensor *grad);
+/* One update of every registered parameter from its accumulated gradient: grad_scale (> 0,
+ * e.g. 1 / accumulation_steps) multiplies every gradient; then the global norm is clipped to
+ * max_grad_norm. If any gradient element is NaN/Inf the step is skipped: no parameter or state
+ * is written and neither the step count nor the schedule advances (as PyTorch's GradScaler and
+ * transformers' Trainer do); it is reported, not an error. Gradients are left as they are (call
+ * qlora_optimizer_zero_grad). out may be NULL. On CUDA the update is queued on the context
+ * stream. */
+QLORA_API qlora_status qlora_optimizer_step(qlora_optimizer *opt, double grad_scale, qlora_step_report *out);
+/* Sets every registered gradient to zero (before accumulating the next micro-batches). */
+QLORA_API qlora_status qlora_optimizer_zero_grad(qlora_optimizer *opt);
+/* The hyperparameters in force (after a load, those of the file). */
+QLORA_API qlora_status qlora_optimizer_get_params(const qlora_optimizer *opt, qlora_adamw_params *out);
+/* Saves the exact state (m, v, the master copies, the step count and the hyperparameters) as
+ * one safetensors file, atomically: tensors "<param>.exp_avg", "<param>.exp_avg_sq" and, with
+ * master weights, "<param>.master" (F32, the parameter's shape), hyperparameters in metadata.
+ * The parameters themselves are the caller's to save. */
+QLORA_API qlora_status qlora_optimizer_save(qlora_optimizer *opt, const char *path);
+/* Restores a saved state into an optimizer with the same parameters registered (same names,
+ * shapes and master_weights setting; nothing else in the file). Everything is validated before
+ * anything is written. The hyperparameters and schedule become those of the file; the paging
+ * settings stay this optimizer's. */
+QLORA_API qlora_status qlora_optimizer_load(qlora_optimizer *opt, const char *path);
+/* Waits for queued optimizer work (so that `seconds` is complete), then fills *out. */
+QLORA_API qlora_status qlora_optimizer_paging_stats(qlora_optimizer *opt, qlora_paging_stats *out);
+/* Waits for queued work and releases every page. NULL is a no-op. */
+QLORA_API void qlora_optimizer_free(qlora_optimizer *opt);
 
 #ifdef __cplusplus
 }

@@ -7,12 +7,13 @@
  * Update, per element, all float32, in this order (no FMA contraction):
  *   g  = grad * grad_scale                       (grad_scale folds 1/accumulation and clipping)
  *   m  = beta1 * m + (1 - beta1) * g
- *   v  = beta2 * v + (1 - beta2) * g * g
- *   p  = p - lr * (c2 / c1) * m / (sqrt(v) + eps * c2)     c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t)
+ *   v  = beta2 * v + (1 - beta2) * (g * g)
+ *   p  = p - (lr * c2 / c1) * (m / (sqrt(v) + eps * c2))   c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t)
  *   p  = p * (1 - lr * weight_decay)             decoupled decay AFTER the Adam step, as bnb does
  * where p is the FP32 master weight when there is one (then the BF16 parameter = round(p)),
  * else the BF16 parameter widened to float32 and rounded back (RNE). c1, c2 and the scalar
- * factors are computed once per step on the host in double and passed as float32.
+ * factors are computed once per step on the host in double and passed as float32 (the grouping
+ * in parentheses is bitsandbytes' kOptimizer32bit2State; each product and sum rounds once).
  */
 #ifndef QLORA_ADAMW_H
 #define QLORA_ADAMW_H

@@ -13,7 +13,8 @@
 #
 # Nothing can be installed on the GPU machine. Run tools/gpu-deps.sh here first and carry
 # .gpu-deps: Check, libsubunit, cJSON and pkgconf come from its unpacked tree (.gpu-deps/root,
-# or the trees named by QLORA_CHECK_ROOT / QLORA_CJSON_ROOT).
+# or the trees named by QLORA_CHECK_ROOT / QLORA_CJSON_ROOT); so does OpenBLAS when pkg-config
+# finds none on the machine.
 #
 # Every log lands in $OUT (./build-gpu/out when OUT is unset) as at most 8 files: summary.txt,
 # env.txt, build.log, ctest.log, sanitizer.log, bench.txt, logs.tar.gz (all individual logs). The
@@ -76,7 +77,9 @@ status_word() {
 
 # ---------------------------------------------------------------- dependencies
 # Unpacked .deb trees: rewrite their .pc files to point into the tree, put their libraries on
-# LD_LIBRARY_PATH, and use their pkgconf when the machine has no pkg-config.
+# LD_LIBRARY_PATH, and use their pkgconf when the machine has no pkg-config. The machine's own
+# OpenBLAS is preferred; the carried one (unpacked without update-alternatives, so in its
+# openblas-openmp dirs) is used only when pkg-config finds none.
 setup_deps() {
     local roots=() r
     for r in "${QLORA_CHECK_ROOT:-}" "${QLORA_CJSON_ROOT:-}"; do
@@ -99,7 +102,6 @@ setup_deps() {
         lib_path="$lib_path${lib_path:+:}$r/usr/lib/x86_64-linux-gnu"
         [ -x "$r/usr/bin/pkgconf" ] && pkgconf=$r/usr/bin/pkgconf
     done
-    export PKG_CONFIG_PATH="$pcdir${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
     if [ -n "$lib_path" ]; then
         export LD_LIBRARY_PATH="$lib_path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     fi
@@ -115,13 +117,36 @@ setup_deps() {
     else
         PKG_CONFIG=$(command -v pkg-config)
     fi
+    local openblas_source="system"
+    if [ -z "$PKG_CONFIG" ] || ! "$PKG_CONFIG" --exists openblas 2>/dev/null; then
+        openblas_source="(none found)"
+        for r in $(printf '%s\n' "${roots[@]}" | sort -u); do
+            local ob=$r/usr/lib/x86_64-linux-gnu/openblas-openmp
+            [ -e "$ob/pkgconfig/openblas.pc" ] || continue
+            sed -E "s#^(prefix|exec_prefix|libdir|includedir)=/usr#\\1=$r/usr#" "$ob/pkgconfig/openblas.pc" >"$pcdir/openblas.pc"
+            export LD_LIBRARY_PATH="$ob${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            # libgfortran5/libquadmath0 only when the machine lacks them: a carried copy first on
+            # LD_LIBRARY_PATH would shadow the system's own.
+            if ldd "$ob/libopenblas.so.0" 2>/dev/null | grep -q 'not found' && [ -d "$r/usr/lib/x86_64-linux-gnu/openblas-runtime" ]; then
+                export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$r/usr/lib/x86_64-linux-gnu/openblas-runtime"
+            fi
+            openblas_source="carried $ob"
+            break
+        done
+    fi
+    export PKG_CONFIG_PATH="$pcdir${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
     echo "dependency trees: ${roots[*]:-(none)}"
     echo "PKG_CONFIG_PATH=$PKG_CONFIG_PATH"
     echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
     echo "pkg-config: ${PKG_CONFIG:-(none)}"
+    echo "openblas: $openblas_source"
+    if [ "$openblas_source" != system ] && [ "$openblas_source" != "(none found)" ]; then
+        echo "  ldd libopenblas.so.0:"
+        ldd "${openblas_source#carried }/libopenblas.so.0" 2>&1 | sed 's/^/  /'
+    fi
     if [ -n "$PKG_CONFIG" ]; then
         local m
-        for m in check libcjson; do
+        for m in check libcjson openblas; do
             echo "  $m: $("$PKG_CONFIG" --modversion "$m" 2>&1) | $("$PKG_CONFIG" --cflags --libs "$m" 2>&1)"
         done
     fi

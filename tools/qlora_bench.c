@@ -3,6 +3,7 @@
  * each available backend, against a plain copy of the same bytes measured in the same run.
  *
  *   qlora-bench [--size MiB] [--iters N] [--backend cpu|cuda|all] [--json]
+ *   qlora-bench linear ...   the QLoRA linear layer (tools/bench/bench_linear.c)
  *
  * Bytes are counted as moved through memory: quantize reads the BF16 input and writes codes +
  * scales; dequantize reads codes + scales and writes the output; a copy reads and writes the
@@ -11,6 +12,8 @@
  * the fast kernels (they run at most 3 times, being slow).
  */
 #include <qlora.h>
+
+#include "bench_linear.h"
 
 #include <errno.h>
 #include <math.h>
@@ -297,6 +300,7 @@ static void print_json(const bench *b, double speedup_q, double speedup_d) {
 static void usage(FILE *to) {
     fprintf(to,
             "usage: qlora-bench [--size MiB] [--iters N] [--backend cpu|cuda|all] [--json]\n"
+            "       qlora-bench linear --help   (the QLoRA linear layer vs an unquantized one)\n"
             "Throughput of NF4 + double-quant (blocksize 64) quantize/dequantize vs a plain copy.\n"
             "  --size MiB     BF16 weight size (default 64)\n"
             "  --iters N      timed runs per operation, median reported (default 7)\n"
@@ -321,6 +325,8 @@ int main(int argc, char **argv) {
     long size_mib = 64, iters = 7;
     const char *backend = "all";
     int json = 0;
+    if (argc > 1 && !strcmp(argv[1], "linear"))
+        return bench_linear_main(argc - 1, argv + 1);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         int takes_value = !strcmp(a, "--size") || !strcmp(a, "--iters") || !strcmp(a, "--backend");
