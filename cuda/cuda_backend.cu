@@ -65,9 +65,6 @@ static void release_state(ql_cuda_state *s) {
     if (s->d_scratch && cudaFree(s->d_scratch) != cudaSuccess)
         ql_log(QLORA_LOG_WARN, "ql_cuda_destroy: device %d: cudaFree(scratch) failed: %s", s->device,
                cudaGetErrorString(cudaGetLastError()));
-    if (s->d_workspace && cudaFree(s->d_workspace) != cudaSuccess)
-        ql_log(QLORA_LOG_WARN, "ql_cuda_destroy: device %d: cudaFree(workspace) failed: %s", s->device,
-               cudaGetErrorString(cudaGetLastError()));
     if (s->cublas) {
         cublasStatus_t st = cublasDestroy(s->cublas);
         if (st != CUBLAS_STATUS_SUCCESS)
@@ -80,6 +77,11 @@ static void release_state(ql_cuda_state *s) {
     pthread_mutex_destroy(&s->scratch_lock);
     pthread_mutex_destroy(&s->workspace_lock);
     free(s);
+}
+
+extern "C" void ql_cuda_set_owner(ql_cuda_state *s, qlora_ctx *owner) {
+    if (s)
+        s->owner = owner;
 }
 
 static qlora_status check_kernel_image(int device) {

@@ -18,6 +18,8 @@ typedef struct ql_cuda_state ql_cuda_state;  /* device index, stream, cuBLAS han
 int ql_cuda_device_count(void);
 qlora_status ql_cuda_init(int device, ql_cuda_state **out);
 void ql_cuda_destroy(ql_cuda_state *s);
+/* Records the context owning s: buffers the backend keeps go through its tracked allocator. */
+void ql_cuda_set_owner(ql_cuda_state *s, qlora_ctx *owner);
 qlora_status ql_cuda_synchronize(ql_cuda_state *s);
 
 qlora_status ql_cuda_malloc(ql_cuda_state *s, size_t bytes, void **out);

@@ -34,9 +34,13 @@ struct ql_cuda_state {
     cublasHandle_t cublas; /* bound to stream */
     ql_cuda_scratch *d_scratch;
     pthread_mutex_t scratch_lock;
+    /* The context that owns this state: device buffers the backend keeps (the workspace) are
+     * allocated through its tracked allocator so the memory accountant sees them. */
+    qlora_ctx *owner;
     /* Grow-only BF16 workspace of the dequantize + cuBLAS matmul path (cuda/nf4_matmul.cu): W is
-     * dequantized into it chunk by chunk, at most workspace_cap bytes per chunk. Freed by
-     * ql_cuda_destroy; one launcher uses it at a time (workspace_lock), the stream orders the rest. */
+     * dequantized into it chunk by chunk, at most workspace_cap bytes per chunk. A WORKSPACE
+     * allocation of the owner; released by qlora_ctx_free before the allocator goes. One launcher
+     * uses it at a time (workspace_lock), the stream orders the rest. */
     void *d_workspace;
     size_t workspace_bytes;
     size_t workspace_cap;

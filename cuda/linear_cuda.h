@@ -48,11 +48,12 @@ ql_nf4_matmul_path ql_cuda_nf4_resolve_path(const qlora_qtensor *w, const void *
 qlora_status ql_cuda_nf4_gemv_tuned(ql_cuda_state *s, const qlora_qtensor *w, const uint16_t *d_x, int64_t m,
                                     const uint16_t *d_bias, float beta, uint16_t *d_y, int row_groups);
 
-/* The DEQUANT_CUBLAS path dequantizes W into a grow-only device workspace owned by the state,
+/* The DEQUANT_CUBLAS path dequantizes W into a grow-only device workspace kept by the state,
  * in chunks of at most `cap` bytes (rows of W for the forward, column blocks for dX), so W is
- * never materialised whole when it is larger than the cap (default 128 MiB). The workspace is
- * cudaMalloc'ed outside qlora_alloc: ql_cuda_workspace_bytes reports its current size for the
- * memory accountant; ql_cuda_workspace_release frees it (after the stream drains). */
+ * never materialised whole when it is larger than the cap (default 128 MiB). The workspace is a
+ * QLORA_MEM_WORKSPACE allocation of the owning context (the accountant counts it);
+ * ql_cuda_workspace_bytes reports its size; ql_cuda_workspace_release frees it (after the stream
+ * drains; qlora_ctx_free calls it). */
 size_t ql_cuda_workspace_bytes(ql_cuda_state *s);
 void ql_cuda_workspace_release(ql_cuda_state *s);
 /* cap 0 restores the default; values under 64 KiB are raised to 64 KiB. */
@@ -64,6 +65,10 @@ void ql_cuda_set_workspace_cap(ql_cuda_state *s, size_t cap);
  * -> +0. 0 <= p < 1 (else QLORA_ERR_INVALID_ARG); p = 0 copies x. d_out may equal d_x. */
 qlora_status ql_cuda_dropout_bf16(ql_cuda_state *s, const uint16_t *d_x, int64_t m, int64_t k, float p,
                                   uint64_t seed, uint64_t stream, uint16_t *d_out);
+/* d_acc[M, K] += dropout(x) with the same mask and scale (the float sum rounded once to BF16):
+ * the input gradient through a dropped adapter input, added to the rest of dX. */
+qlora_status ql_cuda_dropout_add_bf16(ql_cuda_state *s, const uint16_t *d_x, int64_t m, int64_t k, float p,
+                                      uint64_t seed, uint64_t stream, uint16_t *d_acc);
 
 /* C[M, N] = alpha · op(A) · op(B) + beta · C with BF16 A, B and C (or F32 C when c_f32), FP32
  * compute, row-major operands; trans_a/trans_b as in BLAS on the row-major views: A is [M, K]

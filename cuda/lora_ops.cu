@@ -16,7 +16,9 @@ constexpr int kThreads = 256;
 
 /* One Philox call serves the 4 consecutive elements 4i..4i+3, exactly the elements whose
  * ql_philox_uniform(seed, stream, index) shares the counter index/4; lane index%4 and the
- * conversion (24 high bits * 2^-24) are the ones of ql_philox_uniform. x and out may alias. */
+ * conversion (24 high bits * 2^-24) are the ones of ql_philox_uniform. x and out may alias.
+ * kAccumulate: out += dropout(x) (one bf16 rounding of the float sum) instead of out = ... */
+template <bool kAccumulate>
 __global__ void __launch_bounds__(kThreads)
     dropout_kernel(const uint16_t *x, int64_t n, float p, float scale, uint64_t seed, uint64_t stream,
                    uint16_t *out) {
@@ -30,7 +32,11 @@ __global__ void __launch_bounds__(kThreads)
             const int64_t idx = 4 * gi + i;
             if (idx < n) {
                 const float u = (float)(o.v[i] >> 8) * 5.9604644775390625e-8f;
-                out[idx] = u >= p ? ql_f32_to_bf16_bits(__fmul_rn(ql_bf16_bits_to_f32(x[idx]), scale)) : (uint16_t)0;
+                const float kept = u >= p ? __fmul_rn(ql_bf16_bits_to_f32(x[idx]), scale) : 0.0f;
+                if (kAccumulate)
+                    out[idx] = ql_f32_to_bf16_bits(__fadd_rn(ql_bf16_bits_to_f32(out[idx]), kept));
+                else
+                    out[idx] = ql_f32_to_bf16_bits(kept);
             }
         }
     }
@@ -69,8 +75,8 @@ qlora_status ql_cublas_gemm(ql_cuda_state *s, cublasOperation_t op_a, cublasOper
     return QLORA_OK;
 }
 
-extern "C" qlora_status ql_cuda_dropout_bf16(ql_cuda_state *s, const uint16_t *d_x, int64_t m, int64_t k, float p,
-                                             uint64_t seed, uint64_t stream, uint16_t *d_out) {
+static qlora_status dropout_launch(ql_cuda_state *s, const uint16_t *d_x, int64_t m, int64_t k, float p, uint64_t seed,
+                                   uint64_t stream, uint16_t *d_out, bool accumulate) {
     QL_REQUIRE_ARG(s != NULL, "cuda state");
     if (m < 0 || k < 0)
         return ql_fail(QLORA_ERR_SHAPE, "ql_cuda_dropout_bf16: shape [%lld, %lld] has a negative dimension",
@@ -89,9 +95,24 @@ extern "C" qlora_status ql_cuda_dropout_bf16(ql_cuda_state *s, const uint16_t *d
     const float scale = 1.0f / (1.0f - p);
     QL_CUDA_ENTER(s);
     const dim3 grid = stride_grid(s, (n + 3) / 4), block(kThreads);
-    dropout_kernel<<<grid, block, 0, s->stream>>>(d_x, n, p, scale, seed, stream, d_out);
-    QL_CUDA_CHECK_LAUNCH("dropout_kernel", grid, block);
+    if (accumulate) {
+        dropout_kernel<true><<<grid, block, 0, s->stream>>>(d_x, n, p, scale, seed, stream, d_out);
+        QL_CUDA_CHECK_LAUNCH("dropout_kernel<accumulate>", grid, block);
+    } else {
+        dropout_kernel<false><<<grid, block, 0, s->stream>>>(d_x, n, p, scale, seed, stream, d_out);
+        QL_CUDA_CHECK_LAUNCH("dropout_kernel", grid, block);
+    }
     return QLORA_OK;
+}
+
+extern "C" qlora_status ql_cuda_dropout_bf16(ql_cuda_state *s, const uint16_t *d_x, int64_t m, int64_t k, float p,
+                                             uint64_t seed, uint64_t stream, uint16_t *d_out) {
+    return dropout_launch(s, d_x, m, k, p, seed, stream, d_out, false);
+}
+
+extern "C" qlora_status ql_cuda_dropout_add_bf16(ql_cuda_state *s, const uint16_t *d_x, int64_t m, int64_t k, float p,
+                                                 uint64_t seed, uint64_t stream, uint16_t *d_acc) {
+    return dropout_launch(s, d_x, m, k, p, seed, stream, d_acc, true);
 }
 
 extern "C" qlora_status ql_cuda_gemm_bf16(ql_cuda_state *s, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,

@@ -227,11 +227,12 @@ qlora_status launch_dequant_block(ql_cuda_state *s, const ql_nf4_call &c, int64_
  * the old buffer only after the stream has drained (ql_cuda_free synchronizes). */
 qlora_status workspace_reserve(ql_cuda_state *s, size_t bytes, uint16_t **out) {
     if (bytes > s->workspace_bytes) {
-        ql_cuda_free(s, s->d_workspace);
+        QL_CHECK(ql_cuda_synchronize(s)); /* the old buffer may still be read by queued work */
+        qlora_free(s->owner, s->d_workspace);
         s->d_workspace = NULL;
         s->workspace_bytes = 0;
         void *p = NULL;
-        QL_CHECK(ql_cuda_malloc(s, bytes, &p));
+        QL_CHECK(qlora_alloc(s->owner, bytes, 1, QLORA_MEM_WORKSPACE, &p));
         s->d_workspace = p;
         s->workspace_bytes = bytes;
     }
@@ -422,7 +423,9 @@ extern "C" void ql_cuda_workspace_release(ql_cuda_state *s) {
     if (!s)
         return;
     workspace_lock_scope lock(s);
-    ql_cuda_free(s, s->d_workspace);
+    if (s->d_workspace && ql_cuda_synchronize(s) != QLORA_OK)
+        ql_log(QLORA_LOG_WARN, "ql_cuda_workspace_release: device %d: %s", s->device, qlora_last_error());
+    qlora_free(s->owner, s->d_workspace);
     s->d_workspace = NULL;
     s->workspace_bytes = 0;
 }

@@ -6,6 +6,7 @@
 
 #ifdef QLORA_HAVE_CUDA
 #include "cuda_backend.h"
+#include "linear_cuda.h"
 #endif
 
 void ql_alloc_table_destroy(qlora_ctx *ctx); /* allocator.c */
@@ -61,6 +62,7 @@ qlora_status qlora_ctx_create(const qlora_ctx_params *params, qlora_ctx **out) {
             free(ctx);
             return st;
         }
+        ql_cuda_set_owner((ql_cuda_state *)ctx->cuda, ctx);
     }
 #endif
     *out = ctx;
@@ -70,6 +72,10 @@ qlora_status qlora_ctx_create(const qlora_ctx_params *params, qlora_ctx **out) {
 void qlora_ctx_free(qlora_ctx *ctx) {
     if (!ctx)
         return;
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda) /* the backend's own workspace is a tracked allocation: give it back first */
+        ql_cuda_workspace_release((ql_cuda_state *)ctx->cuda);
+#endif
     ql_alloc_table_destroy(ctx);
 #ifdef QLORA_HAVE_CUDA
     if (ctx->cuda)

@@ -52,11 +52,6 @@ qlora_status ql_linear_backward_cuda(qlora_ctx *ctx, const qlora_qtensor *w, con
     int masked = 0;
     for (int t = 0; t < nterms; t++)
         masked += terms[t].p != 0.0f;
-    /* dX through dropout' needs the masked product added to the rest; the launchers can write a
-     * masked product but not add one, so only one adapter per layer may train with dropout. */
-    if (dx && masked > 1)
-        return ql_fail(QLORA_ERR_UNSUPPORTED, "qlora_linear_backward: on CUDA, dX with more than one adapter "
-                       "training with dropout is not supported (%d adapters have dropout)", masked);
     uint16_t *g[QLORA_LINEAR_MAX_ADAPTERS] = {NULL};
     uint16_t *scratch = NULL; /* dropout(X), then the masked product */
     qlora_status st = QLORA_OK;
@@ -79,14 +74,17 @@ qlora_status ql_linear_backward_cuda(qlora_ctx *ctx, const qlora_qtensor *w, con
         if (st == QLORA_OK)
             st = ql_cuda_gemm_bf16(s, 1, 0, term->rank, k_dim, m, term->scaling, g[t], input, 1.0f, term->da, f32);
     }
-    /* dX = the masked product (if any) + Σ s·G·A + dY·W */
+    /* dX = Σ dropout'(s·G·A) over adapters with dropout (each with its own mask) + Σ s·G·A over
+     * the others + dY·W */
     int written = 0;
     for (int t = 0; dx && t < nterms && st == QLORA_OK; t++) {
         const ql_lora_term *term = &terms[t];
         if (term->p == 0.0f)
             continue;
         st = ql_cuda_gemm_bf16(s, 0, 0, m, k_dim, term->rank, term->scaling, g[t], term->a, 0.0f, scratch, 0);
-        if (st == QLORA_OK)
+        if (st == QLORA_OK && written)
+            st = ql_cuda_dropout_add_bf16(s, scratch, m, k_dim, term->p, term->key, term->stream, dx);
+        else if (st == QLORA_OK)
             st = ql_cuda_dropout_bf16(s, scratch, m, k_dim, term->p, term->key, term->stream, dx);
         written = 1;
     }

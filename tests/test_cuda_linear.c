@@ -754,12 +754,19 @@ START_TEST(bad_arguments_are_reported) {
     ck_assert_qlora_ok(ql_cuda_nf4_matmul_dx(g.cs, &wt.q, NULL, 0, 0.0f, NULL, QL_NF4_PATH_AUTO));
 
     /* The workspace grows to what a call needs (one chunk under the cap), then is released. */
+    /* It is a tracked WORKSPACE allocation of the context, so the accountant sees it. */
+    qlora_mem_stats before, during, after;
     ql_cuda_workspace_release(g.cs);
     ck_assert_uint_eq(ql_cuda_workspace_bytes(g.cs), 0);
+    ck_assert_qlora_ok(qlora_mem_get_stats(g.ctx, &before));
     ck_assert_qlora_ok(ql_cuda_nf4_matmul(g.cs, &wt.q, dx, 32, NULL, 0.0f, dy, QL_NF4_PATH_DEQUANT_CUBLAS));
     ck_assert_uint_eq(ql_cuda_workspace_bytes(g.cs), 64 * 128 * 2);
+    ck_assert_qlora_ok(qlora_mem_get_stats(g.ctx, &during));
+    ck_assert_uint_eq(during.current[1][QLORA_MEM_WORKSPACE] - before.current[1][QLORA_MEM_WORKSPACE], 64 * 128 * 2);
     ql_cuda_workspace_release(g.cs);
     ck_assert_uint_eq(ql_cuda_workspace_bytes(g.cs), 0);
+    ck_assert_qlora_ok(qlora_mem_get_stats(g.ctx, &after));
+    ck_assert_uint_eq(after.current[1][QLORA_MEM_WORKSPACE], before.current[1][QLORA_MEM_WORKSPACE]);
     dbuf_free(&g, &x);
     dbuf_free(&g, &y);
     weight_free(&g, &wt);
