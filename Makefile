@@ -39,13 +39,15 @@ test-asan:
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS)
 
-# The main job until qlora-ft exists: make a small random Llama-style model and quantize it to
-# NF4 + double quantization in the bitsandbytes layout, then go back to BF16.
+# The main job until qlora-ft exists: make a small random Llama-style model, quantize it to
+# NF4 + double quantization in the bitsandbytes layout and back to BF16, then estimate what
+# finetuning Llama-7B takes in each regime (table + demo/memory-llama-7b.svg).
 demo: build
 	rm -rf demo && mkdir -p demo
 	$(BUILD)/bin/make-example-model demo/model
-	$(BUILD)/bin/qlora-quantize demo/model demo/model-nf4
-	$(BUILD)/bin/qlora-quantize --dequantize demo/model-nf4 demo/model-bf16
+	$(BUILD)/bin/qlora-quantize --quiet demo/model demo/model-nf4
+	$(BUILD)/bin/qlora-quantize --quiet --dequantize demo/model-nf4 demo/model-bf16
+	$(BUILD)/bin/qlora-mem --preset llama-7b --svg demo/memory-llama-7b.svg
 
 bench: build
 	$(BUILD)/bin/qlora-bench

@@ -187,22 +187,27 @@ qlora_status ql_cuda_malloc(ql_cuda_state *s, size_t bytes, void **out) {
     return QLORA_OK;
 }
 
+void ql_cuda_release(const ql_cuda_state *s, const cudaStream_t *sync_first, cudaError_t (*release)(void *),
+                     void *handle, qlora_log_level level, const char *what) {
+    ql_device_scope scope;
+    if (scope.enter(s->device, __FILE__, __LINE__) != QLORA_OK) {
+        ql_log(level, "%s(%p): %s", what, handle, qlora_last_error());
+        return;
+    }
+    cudaError_t err = sync_first ? cudaStreamSynchronize(*sync_first) : cudaSuccess;
+    if (err == cudaSuccess)
+        err = release(handle);
+    if (err != cudaSuccess) {
+        (void)cudaGetLastError();
+        ql_log(level, "%s(%p) on device %d: %s (%s)", what, handle, s->device, cudaGetErrorName(err),
+               cudaGetErrorString(err));
+    }
+}
+
 void ql_cuda_free(ql_cuda_state *s, void *ptr) {
     if (!s || !ptr)
         return;
-    ql_device_scope scope;
-    if (scope.enter(s->device, __FILE__, __LINE__) != QLORA_OK) {
-        ql_log(QLORA_LOG_ERROR, "ql_cuda_free(%p): %s", ptr, qlora_last_error());
-        return;
-    }
-    cudaError_t err = cudaStreamSynchronize(s->stream);
-    if (err == cudaSuccess)
-        err = cudaFree(ptr);
-    if (err != cudaSuccess) {
-        (void)cudaGetLastError();
-        ql_log(QLORA_LOG_ERROR, "ql_cuda_free(%p) on device %d: %s (%s)", ptr, s->device, cudaGetErrorName(err),
-               cudaGetErrorString(err));
-    }
+    ql_cuda_release(s, &s->stream, [](void *p) { return cudaFree(p); }, ptr, QLORA_LOG_ERROR, "ql_cuda_free");
 }
 
 qlora_status ql_cuda_host_alloc(ql_cuda_state *s, size_t bytes, void **out) {
@@ -225,19 +230,9 @@ qlora_status ql_cuda_host_alloc(ql_cuda_state *s, size_t bytes, void **out) {
 void ql_cuda_host_free(ql_cuda_state *s, void *ptr) {
     if (!s || !ptr)
         return;
-    ql_device_scope scope;
-    if (scope.enter(s->device, __FILE__, __LINE__) != QLORA_OK) {
-        ql_log(QLORA_LOG_ERROR, "ql_cuda_host_free(%p): %s", ptr, qlora_last_error());
-        return;
-    }
-    cudaError_t err = cudaStreamSynchronize(s->stream); /* a queued copy may still read it */
-    if (err == cudaSuccess)
-        err = cudaFreeHost(ptr);
-    if (err != cudaSuccess) {
-        (void)cudaGetLastError();
-        ql_log(QLORA_LOG_ERROR, "ql_cuda_host_free(%p): %s (%s)", ptr, cudaGetErrorName(err),
-               cudaGetErrorString(err));
-    }
+    /* a queued copy may still read it */
+    ql_cuda_release(s, &s->stream, [](void *p) { return cudaFreeHost(p); }, ptr, QLORA_LOG_ERROR,
+                    "ql_cuda_host_free");
 }
 
 qlora_status ql_cuda_memcpy(ql_cuda_state *s, void *dst, const void *src, size_t bytes) {

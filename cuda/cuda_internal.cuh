@@ -100,6 +100,12 @@ class ql_device_scope {
     ql_device_scope &operator=(const ql_device_scope &);
 };
 
+/* The body of the release functions (free, destroy), which cannot fail: on the state's device,
+ * waits for *sync_first when given (queued work may still use the handle), releases the handle,
+ * and logs a failure at `level` as "what(handle) ...". */
+void ql_cuda_release(const ql_cuda_state *s, const cudaStream_t *sync_first, cudaError_t (*release)(void *),
+                     void *handle, qlora_log_level level, const char *what);
+
 #define QL_CUDA_ENTER(state)     \
     ql_device_scope ql_scope_;   \
     QL_CHECK(ql_scope_.enter((state)->device, __FILE__, __LINE__))

@@ -337,10 +337,11 @@ void ql_nf4_fill_tables(const qlora_qtensor *w, ql_nf4_tables *tab) {
 
 /* ------------------------------------------------------------------ launchers */
 
-extern "C" qlora_status ql_cuda_nf4_matmul(ql_cuda_state *s, const qlora_qtensor *w, const uint16_t *d_x, int64_t m,
-                                           const uint16_t *d_bias, float beta, uint16_t *d_y,
-                                           ql_nf4_matmul_path path) {
-    static const char fn[] = "ql_cuda_nf4_matmul";
+/* ql_cuda_nf4_matmul, and ql_cuda_nf4_gemv_tuned with an explicit GEMV row grouping (0: the
+ * tuned default). */
+static qlora_status forward(ql_cuda_state *s, const char *fn, const qlora_qtensor *w, const uint16_t *d_x, int64_t m,
+                            const uint16_t *d_bias, float beta, uint16_t *d_y, ql_nf4_matmul_path path,
+                            int row_groups) {
     int64_t n = 0, k = 0;
     QL_CHECK(check_forward(s, fn, w, d_x, m, d_bias, beta, d_y, &n, &k));
     if (!path_known(path))
@@ -354,29 +355,23 @@ extern "C" qlora_status ql_cuda_nf4_matmul(ql_cuda_state *s, const qlora_qtensor
     const ql_nf4_call c = make_call(w, d_x, m, d_bias, beta, d_y);
     if (k == 0)
         return launch_bias_beta(s, d_y, m, n, d_bias, beta);
-    switch (resolve(c, 0, path)) {
-    case QL_NF4_PATH_GEMV: return ql_nf4_gemv_launch(s, c, 0);
+    switch (resolve(c, 0, path)) { /* an explicit GEMV stays GEMV in the forward */
+    case QL_NF4_PATH_GEMV: return ql_nf4_gemv_launch(s, c, row_groups);
     case QL_NF4_PATH_FUSED_MMA: return ql_nf4_mma_fwd_launch(s, c);
     default: return dequant_cublas_fwd(s, c);
     }
 }
 
+extern "C" qlora_status ql_cuda_nf4_matmul(ql_cuda_state *s, const qlora_qtensor *w, const uint16_t *d_x, int64_t m,
+                                           const uint16_t *d_bias, float beta, uint16_t *d_y,
+                                           ql_nf4_matmul_path path) {
+    return forward(s, "ql_cuda_nf4_matmul", w, d_x, m, d_bias, beta, d_y, path, 0);
+}
+
 extern "C" qlora_status ql_cuda_nf4_gemv_tuned(ql_cuda_state *s, const qlora_qtensor *w, const uint16_t *d_x,
                                                int64_t m, const uint16_t *d_bias, float beta, uint16_t *d_y,
                                                int row_groups) {
-    static const char fn[] = "ql_cuda_nf4_gemv_tuned";
-    int64_t n = 0, k = 0;
-    QL_CHECK(check_forward(s, fn, w, d_x, m, d_bias, beta, d_y, &n, &k));
-    if (m > 16)
-        return ql_fail(QLORA_ERR_INVALID_ARG, "%s: the GEMV path takes M <= 16 rows, got M = %lld", fn,
-                       (long long)m);
-    if (m == 0 || n == 0)
-        return QLORA_OK;
-    QL_CUDA_ENTER(s);
-    const ql_nf4_call c = make_call(w, d_x, m, d_bias, beta, d_y);
-    if (k == 0)
-        return launch_bias_beta(s, d_y, m, n, d_bias, beta);
-    return ql_nf4_gemv_launch(s, c, row_groups);
+    return forward(s, "ql_cuda_nf4_gemv_tuned", w, d_x, m, d_bias, beta, d_y, QL_NF4_PATH_GEMV, row_groups);
 }
 
 extern "C" qlora_status ql_cuda_nf4_matmul_dx(ql_cuda_state *s, const qlora_qtensor *w, const uint16_t *d_dy,

@@ -25,20 +25,9 @@ qlora_status ql_cuda_stream_create(ql_cuda_state *s, ql_cuda_stream **out) {
 void ql_cuda_stream_destroy(ql_cuda_state *s, ql_cuda_stream *stream) {
     if (!s || !stream)
         return;
-    ql_device_scope scope;
-    if (scope.enter(s->device, __FILE__, __LINE__) != QLORA_OK) {
-        ql_log(QLORA_LOG_WARN, "ql_cuda_stream_destroy: %s", qlora_last_error());
-        return;
-    }
     cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-    cudaError_t err = cudaStreamSynchronize(st);
-    if (err == cudaSuccess)
-        err = cudaStreamDestroy(st);
-    if (err != cudaSuccess) {
-        (void)cudaGetLastError();
-        ql_log(QLORA_LOG_WARN, "ql_cuda_stream_destroy on device %d: %s (%s)", s->device, cudaGetErrorName(err),
-               cudaGetErrorString(err));
-    }
+    ql_cuda_release(s, &st, [](void *h) { return cudaStreamDestroy(static_cast<cudaStream_t>(h)); }, stream,
+                    QLORA_LOG_WARN, "ql_cuda_stream_destroy");
 }
 
 qlora_status ql_cuda_stream_synchronize(ql_cuda_state *s, ql_cuda_stream *stream) {
@@ -62,17 +51,8 @@ qlora_status ql_cuda_event_create(ql_cuda_state *s, int timing, ql_cuda_event **
 void ql_cuda_event_destroy(ql_cuda_state *s, ql_cuda_event *event) {
     if (!s || !event)
         return;
-    ql_device_scope scope;
-    if (scope.enter(s->device, __FILE__, __LINE__) != QLORA_OK) {
-        ql_log(QLORA_LOG_WARN, "ql_cuda_event_destroy: %s", qlora_last_error());
-        return;
-    }
-    cudaError_t err = cudaEventDestroy(as_event(event));
-    if (err != cudaSuccess) {
-        (void)cudaGetLastError();
-        ql_log(QLORA_LOG_WARN, "ql_cuda_event_destroy on device %d: %s (%s)", s->device, cudaGetErrorName(err),
-               cudaGetErrorString(err));
-    }
+    ql_cuda_release(s, NULL, [](void *h) { return cudaEventDestroy(static_cast<cudaEvent_t>(h)); }, event,
+                    QLORA_LOG_WARN, "ql_cuda_event_destroy");
 }
 
 qlora_status ql_cuda_event_record(ql_cuda_state *s, ql_cuda_event *event, ql_cuda_stream *stream) {

@@ -6,26 +6,10 @@
  */
 #include "adamw.h"
 #include "half.h"
+#include "simd_attrs.h"
 
 #include <math.h>
 #include <omp.h>
-
-#if defined(__GNUC__)
-#define QL_INLINE static inline __attribute__((always_inline))
-#else
-#define QL_INLINE static inline
-#endif
-
-/* Each specialised loop is compiled for AVX-512, AVX2 and the baseline; the loader picks one.
- * Same IEEE operations, no contraction: identical bits on every path. */
-#if defined(__x86_64__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define QL_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-#endif
-#ifndef QL_TARGET_CLONES
-#define QL_TARGET_CLONES
-#endif
 
 /* Below this many elements a parallel region costs more than it saves. */
 #define QL_ADAMW_PARALLEL_MIN (1 << 15)
@@ -68,10 +52,12 @@ QL_INLINE void update_range(const ql_adamw_step *s, uint16_t *restrict param, fl
 typedef void (*update_range_fn)(const ql_adamw_step *s, uint16_t *param, float *master, const void *grad,
                                 float *m, float *v, int64_t begin, int64_t end);
 
-/* One copy per (gradient dtype, master or not), each with its branches resolved at compile time. */
+/* One copy per (gradient dtype, master or not), each with its branches resolved at compile time,
+ * compiled for AVX-512, AVX2 and the baseline. */
 #define QL_DEFINE_UPDATE_RANGE(NAME, GRAD_DTYPE, HAS_MASTER)                                                \
-    QL_TARGET_CLONES static void NAME(const ql_adamw_step *s, uint16_t *param, float *master, const void *grad, \
-                                      float *m, float *v, int64_t begin, int64_t end) {                       \
+    QL_TARGET_CLONES("avx512f", "avx2", "default")                                                          \
+    static void NAME(const ql_adamw_step *s, uint16_t *param, float *master, const void *grad, float *m,     \
+                     float *v, int64_t begin, int64_t end) {                                                 \
         update_range(s, param, HAS_MASTER ? master : NULL, grad, GRAD_DTYPE, m, v, begin, end);              \
     }
 QL_DEFINE_UPDATE_RANGE(update_range_f32_master, QLORA_F32, 1)

@@ -182,6 +182,13 @@ static int any_dropout(const ql_lora_term *terms, int nterms) {
     return 0;
 }
 
+static int64_t largest_rank(const ql_lora_term *terms, int nterms) {
+    int64_t r = 0;
+    for (int t = 0; t < nterms; t++)
+        r = max64(r, terms[t].rank);
+    return r;
+}
+
 /* ---- forward ---- */
 
 qlora_status ql_linear_forward_fast(qlora_ctx *ctx, const qlora_qtensor *w, const uint16_t *bias, const uint16_t *x,
@@ -189,9 +196,7 @@ qlora_status ql_linear_forward_fast(qlora_ctx *ctx, const qlora_qtensor *w, cons
     int nt = thread_count(ctx);
     int64_t n_dim = w->shape[0], k_dim = w->shape[1];
     int64_t rows = tile_lines(k_dim, n_dim, nt, QL_TILE_BYTES_FORWARD);
-    int64_t max_rank = 0;
-    for (int t = 0; t < nterms; t++)
-        max_rank = max64(max_rank, terms[t].rank);
+    int64_t max_rank = largest_rank(terms, nterms);
     int dropout = any_dropout(terms, nterms);
     size_t floats = padded(m * k_dim) * (size_t)(1 + dropout) + padded(w->nblocks) + padded(max_rank * k_dim) +
                     (size_t)nt * (padded(rows * k_dim) + padded(m * rows));
@@ -267,9 +272,7 @@ qlora_status ql_linear_backward_fast(qlora_ctx *ctx, const qlora_qtensor *w, con
     int nt = thread_count(ctx);
     int64_t n_dim = w->shape[0], k_dim = w->shape[1];
     int64_t cols = tile_lines(n_dim, k_dim, nt, QL_TILE_BYTES_DX);
-    int64_t max_rank = 0;
-    for (int t = 0; t < nterms; t++)
-        max_rank = max64(max_rank, terms[t].rank);
+    int64_t max_rank = largest_rank(terms, nterms);
     int dropout = any_dropout(terms, nterms);
     int need_x = nterms > 0;
     /* dY, X, dropout(X) or a masked product, dX; G per adapter; A, B, H, dA, dB of one adapter;

@@ -5,28 +5,11 @@
  */
 #include "half.h"
 #include "quant4.h"
+#include "simd_attrs.h"
 
 #include <math.h>
 #include <omp.h>
 #include <string.h>
-
-/* The per-dtype copies below rely on these helpers being inlined with constant arguments. */
-#if defined(__GNUC__)
-#define QL_INLINE static inline __attribute__((always_inline))
-#else
-#define QL_INLINE static inline
-#endif
-
-/* The quantization loops are compiled twice on x86-64, for AVX2 and for the baseline, and the
- * loader picks one (an ifunc). Same IEEE operations, no contraction: identical bytes. */
-#if defined(__x86_64__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define QL_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
-#endif
-#endif
-#ifndef QL_TARGET_CLONES
-#define QL_TARGET_CLONES
-#endif
 
 /* Below this many elements a parallel region costs more than it saves. */
 #define QL_PARALLEL_MIN_ELEMENTS (1 << 16)
@@ -146,9 +129,10 @@ QL_INLINE int64_t quantize_block(const void *x, qlora_dtype dtype, int64_t n, in
  * specialised and vectorised; the parallel loop picks one through a pointer. */
 typedef int64_t (*quantize_block_fn)(const void *x, int64_t n, int blocksize, int64_t b, uint8_t *codes,
                                      float *absmax);
+/* The quantization loops are compiled for AVX2 and for the baseline. */
 #define QL_DEFINE_QUANTIZE_BLOCK(NAME, DTYPE, TYPE)                                                        \
-    QL_TARGET_CLONES static int64_t NAME(const void *x, int64_t n, int blocksize, int64_t b, uint8_t *codes, \
-                                         float *absmax) {                                                    \
+    QL_TARGET_CLONES("avx2", "default")                                                                    \
+    static int64_t NAME(const void *x, int64_t n, int blocksize, int64_t b, uint8_t *codes, float *absmax) { \
         return quantize_block(x, DTYPE, n, blocksize, TYPE, b, codes, absmax);                               \
     }
 QL_DEFINE_QUANTIZE_BLOCK(quantize_block_f32_nf4, QLORA_F32, QLORA_QUANT_NF4)

@@ -4,15 +4,9 @@
 # Needs coreutils, grep and awk (jq is used when present).
 set -euo pipefail
 
-bin=${QLORA_BIN:?QLORA_BIN must name the directory of the built programs}
+# shellcheck source=tests/lib_cli.sh
+source "$(dirname "$0")/lib_cli.sh"
 bench="$bin/qlora-bench"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-
-fail() {
-    echo "cli_bench_linear: FAIL: $*" >&2
-    exit 1
-}
 
 "$bench" linear --help >"$work/help.txt" || fail "--help exited $?"
 grep -q "usage: qlora-bench linear" "$work/help.txt" || fail "--help lacks the usage line"

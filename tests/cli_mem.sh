@@ -5,24 +5,9 @@
 # coreutils, grep, sed and awk (no jq, no python).
 set -euo pipefail
 
-bin=${QLORA_BIN:?QLORA_BIN must name the directory of the built programs}
+# shellcheck source=tests/lib_cli.sh
+source "$(dirname "$0")/lib_cli.sh"
 mem="$bin/qlora-mem"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-
-fail() {
-    echo "cli_mem: FAIL: $*" >&2
-    exit 1
-}
-
-# expect_exit CODE NEEDLE CMD...: CMD must exit with CODE and print NEEDLE on stderr.
-expect_exit() {
-    local code=$1 needle=$2 rc=0
-    shift 2
-    "$@" >"$work/out.txt" 2>"$work/err.txt" || rc=$?
-    [ "$rc" -eq "$code" ] || fail "'$*' exited $rc, expected $code; stderr: $(cat "$work/err.txt")"
-    grep -qF -- "$needle" "$work/err.txt" || fail "'$*': stderr lacks '$needle': $(cat "$work/err.txt")"
-}
 
 # json_keys FILE DEPTH: the keys at one nesting depth of cJSON_Print's output (one tab per level).
 json_keys() {

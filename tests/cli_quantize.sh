@@ -5,24 +5,9 @@
 # Tensor values are compared by tests/test_tool_roundtrip.c; this script needs only coreutils.
 set -euo pipefail
 
-bin=${QLORA_BIN:?QLORA_BIN must name the directory of the built programs}
+# shellcheck source=tests/lib_cli.sh
+source "$(dirname "$0")/lib_cli.sh"
 quantize="$bin/qlora-quantize"
-work=$(mktemp -d)
-trap 'chmod -R u+w "$work" 2>/dev/null || true; rm -rf "$work"' EXIT
-
-fail() {
-    echo "cli_quantize: FAIL: $*" >&2
-    exit 1
-}
-
-# expect_exit CODE NEEDLE CMD...: CMD must exit with CODE and print NEEDLE on stderr.
-expect_exit() {
-    local code=$1 needle=$2 rc=0
-    shift 2
-    "$@" >"$work/out.txt" 2>"$work/err.txt" || rc=$?
-    [ "$rc" -eq "$code" ] || fail "'$*' exited $rc, expected $code; stderr: $(cat "$work/err.txt")"
-    grep -qF -- "$needle" "$work/err.txt" || fail "'$*': stderr lacks '$needle': $(cat "$work/err.txt")"
-}
 
 # summary_value FILE LABEL: the text after "LABEL:" in a summary.
 summary_value() {

@@ -546,12 +546,7 @@ START_TEST(cuda_matches_reference) {
         fprintf(stderr, "%s: CUDA AdamW skipped, no CUDA device visible\n", __FILE__);
         return;
     }
-    tu_backend be;
-    be.name = "cuda:0";
-    be.params = qlora_ctx_default_params();
-    be.params.backend = QLORA_BACKEND_CUDA;
-    be.params.device = 0;
-    qlora_ctx *ctx = tu_ctx(&be);
+    qlora_ctx *ctx = tu_cuda_ctx();
     ql_cuda_state *cs = (ql_cuda_state *)ctx->cuda;
     ck_assert_ptr_nonnull(cs);
     tu_rng rng;
@@ -642,12 +637,7 @@ START_TEST(cuda_sumsq_flags_nonfinite) {
         fprintf(stderr, "%s: CUDA sumsq skipped, no CUDA device visible\n", __FILE__);
         return;
     }
-    tu_backend be;
-    be.name = "cuda:0";
-    be.params = qlora_ctx_default_params();
-    be.params.backend = QLORA_BACKEND_CUDA;
-    be.params.device = 0;
-    qlora_ctx *ctx = tu_ctx(&be);
+    qlora_ctx *ctx = tu_cuda_ctx();
     ql_cuda_state *cs = (ql_cuda_state *)ctx->cuda;
     const int64_t n = 3 * 1000003;
     float *g = xmalloc((size_t)n * 4);

@@ -27,6 +27,7 @@
 #include "testutil.h"
 #ifdef QLORA_HAVE_CUDA
 #include "linear_cuda.h"
+#include "testutil_cuda.h"
 #endif
 
 #ifdef QLORA_HAVE_CUDA
@@ -99,88 +100,7 @@ END_TEST
 
 /* ------------------------------------------------------------------ GPU helpers */
 
-#define GUARD 64
 #define POISON 0xFF /* BF16 0xFFFF is a NaN: an output that reads it by mistake stays NaN */
-
-typedef struct gpu {
-    qlora_ctx *ctx;
-    ql_cuda_state *cs;
-} gpu;
-
-static int gpu_open(gpu *g) {
-    if (!tu_have_gpu()) {
-        fprintf(stderr, "%s: skipped, no CUDA device visible\n", __FILE__);
-        return 0;
-    }
-    tu_backend b;
-    b.name = "cuda:0";
-    b.params = qlora_ctx_default_params();
-    b.params.backend = QLORA_BACKEND_CUDA;
-    b.params.device = 0;
-    g->ctx = tu_ctx(&b);
-    g->cs = (ql_cuda_state *)g->ctx->cuda;
-    ck_assert_ptr_nonnull(g->cs);
-    return 1;
-}
-
-static void gpu_close(gpu *g) {
-    ck_assert_qlora_ok(ql_cuda_synchronize(g->cs));
-    qlora_mem_stats st;
-    ck_assert_qlora_ok(qlora_mem_get_stats(g->ctx, &st));
-    ck_assert_uint_eq(st.live_allocations, 0);
-    qlora_ctx_free(g->ctx);
-}
-
-/* A device buffer: `bytes` of payload at `off` bytes past a front guard, POISON everywhere. */
-typedef struct dbuf {
-    uint8_t *base;
-    size_t bytes, off;
-} dbuf;
-
-static dbuf dbuf_new(gpu *g, size_t bytes, size_t off) {
-    dbuf b = {NULL, bytes, off};
-    size_t total = bytes + off + 2 * GUARD;
-    ck_assert_qlora_ok(qlora_alloc(g->ctx, total, 1, QLORA_MEM_WORKSPACE, (void **)&b.base));
-    uint8_t *h = malloc(total);
-    ck_assert_ptr_nonnull(h);
-    memset(h, POISON, total);
-    ck_assert_qlora_ok(ql_cuda_memcpy(g->cs, b.base, h, total));
-    free(h);
-    return b;
-}
-
-static void *dbuf_ptr(const dbuf *b) { return b->base + GUARD + b->off; }
-
-static dbuf dbuf_from(gpu *g, const void *host, size_t bytes, size_t off) {
-    dbuf b = dbuf_new(g, bytes, off);
-    ck_assert_qlora_ok(ql_cuda_memcpy(g->cs, dbuf_ptr(&b), host, bytes));
-    return b;
-}
-
-static void dbuf_set(gpu *g, dbuf *b, const void *host) {
-    ck_assert_qlora_ok(ql_cuda_memcpy(g->cs, dbuf_ptr(b), host, b->bytes));
-}
-
-/* Downloads the payload into `out` and checks that the guards (and the offset gap) still hold
- * POISON. */
-static void dbuf_get(gpu *g, const dbuf *b, void *out, const char *what) {
-    size_t total = b->bytes + b->off + 2 * GUARD;
-    uint8_t *h = malloc(total);
-    ck_assert_ptr_nonnull(h);
-    ck_assert_qlora_ok(ql_cuda_memcpy(g->cs, h, b->base, total));
-    for (size_t i = 0; i < total; i++) {
-        int inside = i >= GUARD + b->off && i < GUARD + b->off + b->bytes;
-        ck_assert_msg(inside || h[i] == POISON, "%s: byte %lld outside the output was written", what,
-                      (long long)i - (long long)(GUARD + b->off));
-    }
-    memcpy(out, h + GUARD + b->off, b->bytes);
-    free(h);
-}
-
-static void dbuf_free(gpu *g, dbuf *b) {
-    qlora_free(g->ctx, b->base);
-    b->base = NULL;
-}
 
 /* Random BF16 values N(0, sigma^2), returned as bits and as floats. */
 static uint16_t *rand_bf16(tu_rng *rng, int64_t n, float sigma, float **as_float) {
@@ -202,10 +122,10 @@ static uint16_t *rand_bf16(tu_rng *rng, int64_t n, float sigma, float **as_float
 typedef struct weight {
     qlora_qtensor q;
     float *w;
-    dbuf codes, absmax, qabsmax, nested;
+    tu_dbuf codes, absmax, qabsmax, nested;
 } weight;
 
-static void weight_make(gpu *g, tu_rng *rng, int64_t n, int64_t k, int bs, int dq, qlora_quant_type type,
+static void weight_make(tu_gpu *g, tu_rng *rng, int64_t n, int64_t k, int bs, int dq, qlora_quant_type type,
                         size_t code_off, weight *out) {
     memset(out, 0, sizeof *out);
     int64_t numel = n * k, nblocks = (numel + bs - 1) / bs, nested_n = (nblocks + 255) / 256;
@@ -231,7 +151,7 @@ static void weight_make(gpu *g, tu_rng *rng, int64_t n, int64_t k, int bs, int d
         memcpy(decoded, absmax, (size_t)nblocks * 4);
     ql_dequant4_ref(codes, decoded, qlora_quant_codebook(type), numel, bs, out->w, QLORA_F32);
 
-    out->codes = dbuf_from(g, codes, ncodes, code_off);
+    out->codes = tu_dbuf_from(g, codes, ncodes, code_off);
     qlora_qtensor *q = &out->q;
     q->type = type;
     q->blocksize = bs;
@@ -242,17 +162,17 @@ static void weight_make(gpu *g, tu_rng *rng, int64_t n, int64_t k, int bs, int d
     q->shape[1] = k;
     q->numel = numel;
     q->nblocks = nblocks;
-    q->codes = dbuf_ptr(&out->codes);
+    q->codes = tu_dbuf_ptr(&out->codes);
     if (dq) {
-        out->qabsmax = dbuf_from(g, qabsmax, (size_t)nblocks, 0);
-        out->nested = dbuf_from(g, nested, (size_t)nested_n * 4, 0);
+        out->qabsmax = tu_dbuf_from(g, qabsmax, (size_t)nblocks, 0);
+        out->nested = tu_dbuf_from(g, nested, (size_t)nested_n * 4, 0);
         q->nested_nblocks = nested_n;
-        q->qabsmax = dbuf_ptr(&out->qabsmax);
-        q->nested_absmax = dbuf_ptr(&out->nested);
+        q->qabsmax = tu_dbuf_ptr(&out->qabsmax);
+        q->nested_absmax = tu_dbuf_ptr(&out->nested);
         q->nested_offset = offset;
     } else {
-        out->absmax = dbuf_from(g, absmax, (size_t)nblocks * 4, 0);
-        q->absmax = dbuf_ptr(&out->absmax);
+        out->absmax = tu_dbuf_from(g, absmax, (size_t)nblocks * 4, 0);
+        q->absmax = tu_dbuf_ptr(&out->absmax);
     }
     memcpy(q->code, qlora_quant_codebook(type), sizeof q->code);
     memcpy(q->nested_code, dyn, sizeof q->nested_code);
@@ -265,13 +185,13 @@ static void weight_make(gpu *g, tu_rng *rng, int64_t n, int64_t k, int bs, int d
     free(decoded);
 }
 
-static void weight_free(gpu *g, weight *w) {
-    dbuf_free(g, &w->codes);
+static void weight_free(tu_gpu *g, weight *w) {
+    tu_dbuf_free(g, &w->codes);
     if (w->q.double_quant) {
-        dbuf_free(g, &w->qabsmax);
-        dbuf_free(g, &w->nested);
+        tu_dbuf_free(g, &w->qabsmax);
+        tu_dbuf_free(g, &w->nested);
     } else {
-        dbuf_free(g, &w->absmax);
+        tu_dbuf_free(g, &w->absmax);
     }
     free(w->w);
 }
@@ -347,7 +267,7 @@ static const shape shapes[] = {
 };
 static const int64_t ms[] = {1, 3, 16, 17, 64, 200};
 
-static void run_forward(gpu *g, tu_rng *rng, const weight *wt, int64_t m, size_t x_off, const char *tag) {
+static void run_forward(tu_gpu *g, tu_rng *rng, const weight *wt, int64_t m, size_t x_off, const char *tag) {
     const int64_t n = wt->q.shape[0], k = wt->q.shape[1];
     float *xf = NULL;
     uint16_t *x = rand_bf16(rng, m * k, 1.0f, &xf);
@@ -358,9 +278,9 @@ static void run_forward(gpu *g, tu_rng *rng, const weight *wt, int64_t m, size_t
     ck_assert(got && dot && absdot);
     ref_product(xf, m, k, wt->w, n, k, 1, dot, absdot);
 
-    dbuf d_x = dbuf_from(g, x, (size_t)(m * k) * 2, x_off);
-    dbuf d_bias = dbuf_from(g, bias, (size_t)n * 2, 0);
-    dbuf d_y = dbuf_new(g, (size_t)(m * n) * 2, 0);
+    tu_dbuf d_x = tu_dbuf_from(g, x, (size_t)(m * k) * 2, x_off);
+    tu_dbuf d_bias = tu_dbuf_from(g, bias, (size_t)n * 2, 0);
+    tu_dbuf d_y = tu_dbuf_new(g, (size_t)(m * n) * 2, 0);
     variant vs[12];
     int nv = 0;
     if (m <= 16) {
@@ -376,31 +296,31 @@ static void run_forward(gpu *g, tu_rng *rng, const weight *wt, int64_t m, size_t
         for (int with_bias = 0; with_bias < 2; with_bias++) {
             for (int b1 = 0; b1 < 2; b1++) {
                 float beta = b1 ? 1.0f : 0.0f;
-                const uint16_t *dbias = with_bias ? dbuf_ptr(&d_bias) : NULL;
+                const uint16_t *dbias = with_bias ? tu_dbuf_ptr(&d_bias) : NULL;
                 if (b1) {
-                    dbuf_set(g, &d_y, y_old);
+                    tu_dbuf_set(g, &d_y, y_old);
                 } else { /* NaN everywhere: beta = 0 must not read Y */
                     uint16_t *nan = malloc((size_t)(m * n) * 2);
                     ck_assert_ptr_nonnull(nan);
                     memset(nan, POISON, (size_t)(m * n) * 2);
-                    dbuf_set(g, &d_y, nan);
+                    tu_dbuf_set(g, &d_y, nan);
                     free(nan);
                 }
                 ql_cuda_set_workspace_cap(g->cs, vs[v].cap);
                 char what[256];
-                ql_nf4_matmul_path ran = ql_cuda_nf4_resolve_path(&wt->q, dbuf_ptr(&d_x), m, 0, vs[v].path);
+                ql_nf4_matmul_path ran = ql_cuda_nf4_resolve_path(&wt->q, tu_dbuf_ptr(&d_x), m, 0, vs[v].path);
                 snprintf(what, sizeof what,
                          "%s forward %s (ran %s, row groups %d, cap %zu) M %lld N %lld K %lld bs %d%s%s%s", tag,
                          path_name(vs[v].path), path_name(ran), vs[v].row_groups, vs[v].cap, (long long)m,
                          (long long)n, (long long)k, wt->q.blocksize, wt->q.double_quant ? " dq" : "",
                          with_bias ? " bias" : "", b1 ? " beta=1" : "");
                 if (vs[v].row_groups)
-                    ck_assert_qlora_ok(ql_cuda_nf4_gemv_tuned(g->cs, &wt->q, dbuf_ptr(&d_x), m, dbias, beta,
-                                                              dbuf_ptr(&d_y), vs[v].row_groups));
+                    ck_assert_qlora_ok(ql_cuda_nf4_gemv_tuned(g->cs, &wt->q, tu_dbuf_ptr(&d_x), m, dbias, beta,
+                                                              tu_dbuf_ptr(&d_y), vs[v].row_groups));
                 else
-                    ck_assert_qlora_ok(ql_cuda_nf4_matmul(g->cs, &wt->q, dbuf_ptr(&d_x), m, dbias, beta,
-                                                          dbuf_ptr(&d_y), vs[v].path));
-                dbuf_get(g, &d_y, got, what);
+                    ck_assert_qlora_ok(ql_cuda_nf4_matmul(g->cs, &wt->q, tu_dbuf_ptr(&d_x), m, dbias, beta,
+                                                          tu_dbuf_ptr(&d_y), vs[v].path));
+                tu_dbuf_get(g, &d_y, got, what);
                 check_out(what, got, m, n, k, dot, absdot, with_bias ? bias : NULL, beta, y_old);
                 if (ran == QL_NF4_PATH_DEQUANT_CUBLAS) {
                     size_t ws = ql_cuda_workspace_bytes(g->cs);
@@ -410,9 +330,9 @@ static void run_forward(gpu *g, tu_rng *rng, const weight *wt, int64_t m, size_t
         }
     }
     ql_cuda_set_workspace_cap(g->cs, 0);
-    dbuf_free(g, &d_x);
-    dbuf_free(g, &d_bias);
-    dbuf_free(g, &d_y);
+    tu_dbuf_free(g, &d_x);
+    tu_dbuf_free(g, &d_bias);
+    tu_dbuf_free(g, &d_y);
     free(x);
     free(xf);
     free(bias);
@@ -423,8 +343,8 @@ static void run_forward(gpu *g, tu_rng *rng, const weight *wt, int64_t m, size_t
 }
 
 START_TEST(forward_matches_reference) {
-    gpu g;
-    if (!gpu_open(&g))
+    tu_gpu g;
+    if (!tu_gpu_open(&g, POISON))
         return;
     tu_rng rng;
     tu_rng_init(&rng, tu_seed() ^ 0x71);
@@ -438,14 +358,14 @@ START_TEST(forward_matches_reference) {
             weight_free(&g, &wt);
         }
     }
-    gpu_close(&g);
+    tu_gpu_close(&g);
 }
 END_TEST
 
 /* Misaligned codes and activations take the scalar-safe and fallback kernels. */
 START_TEST(forward_misaligned_operands) {
-    gpu g;
-    if (!gpu_open(&g))
+    tu_gpu g;
+    if (!tu_gpu_open(&g, POISON))
         return;
     tu_rng rng;
     tu_rng_init(&rng, tu_seed() ^ 0x72);
@@ -460,15 +380,15 @@ START_TEST(forward_misaligned_operands) {
             weight_free(&g, &wt);
         }
     }
-    gpu_close(&g);
+    tu_gpu_close(&g);
 }
 END_TEST
 
 /* A tall weight reaches every GEMV row grouping with many CTAs, and K long enough for several
  * batches of rounds per warp. */
 START_TEST(forward_large_shapes) {
-    gpu g;
-    if (!gpu_open(&g))
+    tu_gpu g;
+    if (!tu_gpu_open(&g, POISON))
         return;
     tu_rng rng;
     tu_rng_init(&rng, tu_seed() ^ 0x73);
@@ -482,13 +402,13 @@ START_TEST(forward_large_shapes) {
             weight_free(&g, &wt);
         }
     }
-    gpu_close(&g);
+    tu_gpu_close(&g);
 }
 END_TEST
 
 /* ------------------------------------------------------------------ dX */
 
-static void run_dx(gpu *g, tu_rng *rng, const weight *wt, int64_t m, size_t dy_off) {
+static void run_dx(tu_gpu *g, tu_rng *rng, const weight *wt, int64_t m, size_t dy_off) {
     const int64_t n = wt->q.shape[0], k = wt->q.shape[1];
     float *dyf = NULL;
     uint16_t *dy = rand_bf16(rng, m * n, 1.0f, &dyf);
@@ -498,8 +418,8 @@ static void run_dx(gpu *g, tu_rng *rng, const weight *wt, int64_t m, size_t dy_o
     ck_assert(got && dot && absdot);
     ref_product(dyf, m, n, wt->w, k, 1, k, dot, absdot);
 
-    dbuf d_dy = dbuf_from(g, dy, (size_t)(m * n) * 2, dy_off);
-    dbuf d_dx = dbuf_new(g, (size_t)(m * k) * 2, 0);
+    tu_dbuf d_dy = tu_dbuf_from(g, dy, (size_t)(m * n) * 2, dy_off);
+    tu_dbuf d_dx = tu_dbuf_new(g, (size_t)(m * k) * 2, 0);
     const variant vs[] = {
         {QL_NF4_PATH_FUSED_MMA, 0, 0}, {QL_NF4_PATH_DEQUANT_CUBLAS, 0, 0}, {QL_NF4_PATH_DEQUANT_CUBLAS, 0, 1},
         {QL_NF4_PATH_AUTO, 0, 0},      {QL_NF4_PATH_GEMV, 0, 0},
@@ -508,30 +428,30 @@ static void run_dx(gpu *g, tu_rng *rng, const weight *wt, int64_t m, size_t dy_o
         for (int b1 = 0; b1 < 2; b1++) {
             float beta = b1 ? 1.0f : 0.0f;
             if (b1) {
-                dbuf_set(g, &d_dx, dx_old);
+                tu_dbuf_set(g, &d_dx, dx_old);
             } else {
                 uint16_t *nan = malloc((size_t)(m * k) * 2);
                 ck_assert_ptr_nonnull(nan);
                 memset(nan, POISON, (size_t)(m * k) * 2);
-                dbuf_set(g, &d_dx, nan);
+                tu_dbuf_set(g, &d_dx, nan);
                 free(nan);
             }
             ql_cuda_set_workspace_cap(g->cs, vs[v].cap);
-            ql_nf4_matmul_path ran = ql_cuda_nf4_resolve_path(&wt->q, dbuf_ptr(&d_dy), m, 1, vs[v].path);
+            ql_nf4_matmul_path ran = ql_cuda_nf4_resolve_path(&wt->q, tu_dbuf_ptr(&d_dy), m, 1, vs[v].path);
             ck_assert_int_ne(ran, QL_NF4_PATH_GEMV);
             char what[256];
             snprintf(what, sizeof what, "dX %s (ran %s, cap %zu) M %lld N %lld K %lld bs %d%s%s", path_name(vs[v].path),
                      path_name(ran), vs[v].cap, (long long)m, (long long)n, (long long)k, wt->q.blocksize,
                      wt->q.double_quant ? " dq" : "", b1 ? " beta=1" : "");
             ck_assert_qlora_ok(
-                ql_cuda_nf4_matmul_dx(g->cs, &wt->q, dbuf_ptr(&d_dy), m, beta, dbuf_ptr(&d_dx), vs[v].path));
-            dbuf_get(g, &d_dx, got, what);
+                ql_cuda_nf4_matmul_dx(g->cs, &wt->q, tu_dbuf_ptr(&d_dy), m, beta, tu_dbuf_ptr(&d_dx), vs[v].path));
+            tu_dbuf_get(g, &d_dx, got, what);
             check_out(what, got, m, k, n, dot, absdot, NULL, beta, dx_old);
         }
     }
     ql_cuda_set_workspace_cap(g->cs, 0);
-    dbuf_free(g, &d_dy);
-    dbuf_free(g, &d_dx);
+    tu_dbuf_free(g, &d_dy);
+    tu_dbuf_free(g, &d_dx);
     free(dy);
     free(dyf);
     free(dx_old);
@@ -541,8 +461,8 @@ static void run_dx(gpu *g, tu_rng *rng, const weight *wt, int64_t m, size_t dy_o
 }
 
 START_TEST(dx_matches_reference) {
-    gpu g;
-    if (!gpu_open(&g))
+    tu_gpu g;
+    if (!tu_gpu_open(&g, POISON))
         return;
     tu_rng rng;
     tu_rng_init(&rng, tu_seed() ^ 0x74);
@@ -560,15 +480,15 @@ START_TEST(dx_matches_reference) {
     weight_make(&g, &rng, 392, 1088, 64, 1, QLORA_QUANT_NF4, 0, &wt);
     run_dx(&g, &rng, &wt, 300, 0);
     weight_free(&g, &wt);
-    gpu_close(&g);
+    tu_gpu_close(&g);
 }
 END_TEST
 
 /* ------------------------------------------------------------------ dropout */
 
 START_TEST(dropout_mask_equals_cpu) {
-    gpu g;
-    if (!gpu_open(&g))
+    tu_gpu g;
+    if (!tu_gpu_open(&g, POISON))
         return;
     tu_rng rng;
     tu_rng_init(&rng, tu_seed() ^ 0x75);
@@ -593,21 +513,21 @@ START_TEST(dropout_mask_equals_cpu) {
                 if (p == 0.0f)
                     ck_assert_int_eq(kept, n);
                 size_t off = (size_t)(s % 2) * 2; /* odd element offsets too */
-                dbuf d_x = dbuf_from(&g, x, (size_t)n * 2, off);
-                dbuf d_out = in_place ? d_x : dbuf_new(&g, (size_t)n * 2, off);
+                tu_dbuf d_x = tu_dbuf_from(&g, x, (size_t)n * 2, off);
+                tu_dbuf d_out = in_place ? d_x : tu_dbuf_new(&g, (size_t)n * 2, off);
                 ck_assert_qlora_ok(
-                    ql_cuda_dropout_bf16(g.cs, dbuf_ptr(&d_x), m, k, p, seed, stream, dbuf_ptr(&d_out)));
+                    ql_cuda_dropout_bf16(g.cs, tu_dbuf_ptr(&d_x), m, k, p, seed, stream, tu_dbuf_ptr(&d_out)));
                 char what[160];
                 snprintf(what, sizeof what, "dropout [%lld, %lld] p %g%s", (long long)m, (long long)k, (double)p,
                          in_place ? " in place" : "");
-                dbuf_get(&g, &d_out, got, what);
+                tu_dbuf_get(&g, &d_out, got, what);
                 for (int64_t i = 0; i < n; i++)
                     ck_assert_msg(got[i] == want[i], "%s: element %lld is 0x%04x, CPU 0x%04x (mask %d)", what,
                                   (long long)i, got[i], want[i],
                                   ql_philox_uniform(seed, stream, (uint64_t)i) >= p);
-                dbuf_free(&g, &d_x);
+                tu_dbuf_free(&g, &d_x);
                 if (!in_place)
-                    dbuf_free(&g, &d_out);
+                    tu_dbuf_free(&g, &d_out);
                 free(x);
                 free(want);
                 free(got);
@@ -621,13 +541,13 @@ START_TEST(dropout_mask_equals_cpu) {
     ck_assert_qlora_fails(ql_cuda_dropout_bf16(g.cs, d, 2, 2, NAN, 1, 2, d), QLORA_ERR_INVALID_ARG, "[0, 1)");
     ck_assert_qlora_fails(ql_cuda_dropout_bf16(g.cs, d, -1, 2, 0.5f, 1, 2, d), QLORA_ERR_SHAPE, "negative");
     qlora_free(g.ctx, d);
-    gpu_close(&g);
+    tu_gpu_close(&g);
 }
 END_TEST
 
 /* ------------------------------------------------------------------ BF16 GEMM */
 
-static void check_gemm(gpu *g, tu_rng *rng, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, float beta,
+static void check_gemm(tu_gpu *g, tu_rng *rng, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, float beta,
                        int c_f32) {
     float *af = NULL, *bf = NULL, *cf = NULL;
     uint16_t *a = rand_bf16(rng, m * k, 1.0f, &af), *b = rand_bf16(rng, k * n, 1.0f, &bf);
@@ -636,16 +556,16 @@ static void check_gemm(gpu *g, tu_rng *rng, int ta, int tb, int64_t m, int64_t n
     void *cin = c_f32 ? (void *)cf : (void *)c0;
     void *got = malloc((size_t)(m * n) * csz);
     ck_assert_ptr_nonnull(got);
-    dbuf d_a = dbuf_from(g, a, (size_t)(m * k) * 2, 0), d_b = dbuf_from(g, b, (size_t)(k * n) * 2, 0);
-    dbuf d_c = dbuf_new(g, (size_t)(m * n) * csz, 0);
+    tu_dbuf d_a = tu_dbuf_from(g, a, (size_t)(m * k) * 2, 0), d_b = tu_dbuf_from(g, b, (size_t)(k * n) * 2, 0);
+    tu_dbuf d_c = tu_dbuf_new(g, (size_t)(m * n) * csz, 0);
     if (beta != 0.0f)
-        dbuf_set(g, &d_c, cin);
-    ck_assert_qlora_ok(ql_cuda_gemm_bf16(g->cs, ta, tb, m, n, k, alpha, dbuf_ptr(&d_a), dbuf_ptr(&d_b), beta,
-                                         dbuf_ptr(&d_c), c_f32));
+        tu_dbuf_set(g, &d_c, cin);
+    ck_assert_qlora_ok(ql_cuda_gemm_bf16(g->cs, ta, tb, m, n, k, alpha, tu_dbuf_ptr(&d_a), tu_dbuf_ptr(&d_b), beta,
+                                         tu_dbuf_ptr(&d_c), c_f32));
     char what[160];
     snprintf(what, sizeof what, "gemm %s%s m %lld n %lld k %lld alpha %g beta %g %s", ta ? "T" : "N", tb ? "T" : "N",
              (long long)m, (long long)n, (long long)k, (double)alpha, (double)beta, c_f32 ? "F32" : "BF16");
-    dbuf_get(g, &d_c, got, what);
+    tu_dbuf_get(g, &d_c, got, what);
     double err2 = 0.0, ref2 = 0.0;
     for (int64_t i = 0; i < m; i++) {
         for (int64_t j = 0; j < n; j++) {
@@ -667,9 +587,9 @@ static void check_gemm(gpu *g, tu_rng *rng, int ta, int tb, int64_t m, int64_t n
         }
     }
     ck_assert_msg(sqrt(err2) <= 1e-2 * sqrt(ref2) + 1e-30, "%s: relative L2 error %.3g", what, sqrt(err2 / ref2));
-    dbuf_free(g, &d_a);
-    dbuf_free(g, &d_b);
-    dbuf_free(g, &d_c);
+    tu_dbuf_free(g, &d_a);
+    tu_dbuf_free(g, &d_b);
+    tu_dbuf_free(g, &d_c);
     free(a);
     free(b);
     free(c0);
@@ -680,8 +600,8 @@ static void check_gemm(gpu *g, tu_rng *rng, int ta, int tb, int64_t m, int64_t n
 }
 
 START_TEST(gemm_bf16_matches_reference) {
-    gpu g;
-    if (!gpu_open(&g))
+    tu_gpu g;
+    if (!tu_gpu_open(&g, POISON))
         return;
     tu_rng rng;
     tu_rng_init(&rng, tu_seed() ^ 0x76);
@@ -692,22 +612,22 @@ START_TEST(gemm_bf16_matches_reference) {
                 for (int b = 0; b < 2; b++)
                     check_gemm(&g, &rng, t & 1, t >> 1, dims[d][0], dims[d][1], dims[d][2], 0.75f,
                                b ? -1.25f : 0.0f, f);
-    gpu_close(&g);
+    tu_gpu_close(&g);
 }
 END_TEST
 
 /* ------------------------------------------------------------------ bad input, workspace */
 
 START_TEST(bad_arguments_are_reported) {
-    gpu g;
-    if (!gpu_open(&g))
+    tu_gpu g;
+    if (!tu_gpu_open(&g, POISON))
         return;
     tu_rng rng;
     tu_rng_init(&rng, tu_seed() ^ 0x77);
     weight wt;
     weight_make(&g, &rng, 64, 128, 64, 1, QLORA_QUANT_NF4, 0, &wt);
-    dbuf x = dbuf_new(&g, 32 * 128 * 2, 0), y = dbuf_new(&g, 32 * 64 * 2, 0);
-    uint16_t *dx = dbuf_ptr(&x), *dy = dbuf_ptr(&y);
+    tu_dbuf x = tu_dbuf_new(&g, 32 * 128 * 2, 0), y = tu_dbuf_new(&g, 32 * 64 * 2, 0);
+    uint16_t *dx = tu_dbuf_ptr(&x), *dy = tu_dbuf_ptr(&y);
     ck_assert_qlora_fails(ql_cuda_nf4_matmul(g.cs, &wt.q, dx, 17, NULL, 0.0f, dy, QL_NF4_PATH_GEMV),
                           QLORA_ERR_INVALID_ARG, "M <= 16");
     ck_assert_qlora_fails(ql_cuda_nf4_gemv_tuned(g.cs, &wt.q, dx, 4, NULL, 0.0f, dy, 3), QLORA_ERR_INVALID_ARG,
@@ -767,10 +687,10 @@ START_TEST(bad_arguments_are_reported) {
     ck_assert_uint_eq(ql_cuda_workspace_bytes(g.cs), 0);
     ck_assert_qlora_ok(qlora_mem_get_stats(g.ctx, &after));
     ck_assert_uint_eq(after.current[1][QLORA_MEM_WORKSPACE], before.current[1][QLORA_MEM_WORKSPACE]);
-    dbuf_free(&g, &x);
-    dbuf_free(&g, &y);
+    tu_dbuf_free(&g, &x);
+    tu_dbuf_free(&g, &y);
     weight_free(&g, &wt);
-    gpu_close(&g);
+    tu_gpu_close(&g);
 }
 END_TEST
 

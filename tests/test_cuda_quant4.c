@@ -17,6 +17,7 @@
 #include "testutil.h"
 #ifdef QLORA_HAVE_CUDA
 #include "cuda_backend.h"
+#include "testutil_cuda.h"
 #endif
 
 static int log_calls;
@@ -47,73 +48,6 @@ END_TEST
 #ifdef QLORA_HAVE_CUDA
 
 #define POISON 0xAB
-#define GUARD 64 /* bytes checked on each side of an output */
-
-typedef struct gpu {
-    qlora_ctx *ctx;
-    ql_cuda_state *cs;
-} gpu;
-
-static int gpu_open(gpu *g) {
-    if (!tu_have_gpu()) {
-        fprintf(stderr, "%s: skipped, no CUDA device visible\n", __FILE__);
-        return 0;
-    }
-    tu_backend b;
-    b.name = "cuda:0";
-    b.params = qlora_ctx_default_params();
-    b.params.backend = QLORA_BACKEND_CUDA;
-    b.params.device = 0;
-    g->ctx = tu_ctx(&b);
-    g->cs = (ql_cuda_state *)g->ctx->cuda;
-    ck_assert_ptr_nonnull(g->cs);
-    return 1;
-}
-
-static void gpu_close(gpu *g) {
-    qlora_mem_stats st;
-    ck_assert_qlora_ok(qlora_mem_get_stats(g->ctx, &st));
-    ck_assert_uint_eq(st.live_allocations, 0);
-    qlora_ctx_free(g->ctx);
-}
-
-/* A device buffer of `bytes` + 2 * GUARD, filled with POISON; returns the base. */
-static uint8_t *dev_poisoned(gpu *g, size_t bytes) {
-    void *p = NULL;
-    size_t total = bytes + 2 * GUARD;
-    ck_assert_qlora_ok(qlora_alloc(g->ctx, total, 1, QLORA_MEM_WORKSPACE, &p));
-    uint8_t *h = malloc(total);
-    ck_assert_ptr_nonnull(h);
-    memset(h, POISON, total);
-    ck_assert_qlora_ok(ql_cuda_memcpy(g->cs, p, h, total));
-    free(h);
-    return p;
-}
-
-static void *dev_copy(gpu *g, const void *host, size_t bytes, size_t offset) {
-    uint8_t *base = dev_poisoned(g, bytes + offset);
-    ck_assert_qlora_ok(ql_cuda_memcpy(g->cs, base + GUARD + offset, host, bytes));
-    return base;
-}
-
-/* Downloads base (allocated for `bytes` at `offset` past the front guard) and checks that every
- * byte outside [offset, offset + bytes) still holds POISON. Returns the payload (malloc'ed). */
-static uint8_t *download_checked(gpu *g, const uint8_t *base, size_t bytes, size_t offset, const char *what) {
-    size_t total = bytes + offset + 2 * GUARD;
-    uint8_t *h = malloc(total);
-    ck_assert_ptr_nonnull(h);
-    ck_assert_qlora_ok(ql_cuda_memcpy(g->cs, h, base, total));
-    for (size_t i = 0; i < total; i++) {
-        int inside = i >= GUARD + offset && i < GUARD + offset + bytes;
-        ck_assert_msg(inside || h[i] == POISON, "%s: byte %lld (relative to the output) was written", what,
-                      (long long)i - (long long)(GUARD + offset));
-    }
-    uint8_t *payload = malloc(bytes ? bytes : 1);
-    ck_assert_ptr_nonnull(payload);
-    memcpy(payload, h + GUARD + offset, bytes);
-    free(h);
-    return payload;
-}
 
 static size_t elem_size(qlora_dtype d) { return d == QLORA_F32 ? 4 : 2; }
 
@@ -143,7 +77,7 @@ static const qlora_dtype float_dtypes[] = {QLORA_F32, QLORA_F16, QLORA_BF16};
  * scalar load and/or store paths. */
 static const int offsets[][2] = {{0, 0}, {1, 1}, {0, 1}};
 
-static void check_quantize(gpu *g, tu_rng *rng, qlora_dtype dtype, qlora_quant_type type, int bs, int64_t n) {
+static void check_quantize(tu_gpu *g, tu_rng *rng, qlora_dtype dtype, qlora_quant_type type, int bs, int64_t n) {
     float *x = test_data(rng, n, bs);
     void *xin = tu_to_dtype(x, n, dtype);
     int64_t nblocks = (n + bs - 1) / bs;
@@ -157,15 +91,15 @@ static void check_quantize(gpu *g, tu_rng *rng, qlora_dtype dtype, qlora_quant_t
         char what[160];
         snprintf(what, sizeof what, "quantize %s %s blocksize %d n %lld offsets %zu/%zu", qlora_dtype_name(dtype),
                  qlora_quant_type_name(type), bs, (long long)n, in_off, code_off);
-        uint8_t *d_x = dev_copy(g, xin, (size_t)n * elem_size(dtype), in_off);
-        uint8_t *d_codes = dev_poisoned(g, ncodes + code_off);
-        uint8_t *d_absmax = dev_poisoned(g, (size_t)nblocks * 4);
+        tu_dbuf d_x = tu_dbuf_from(g, xin, (size_t)n * elem_size(dtype), in_off);
+        tu_dbuf d_codes = tu_dbuf_new(g, ncodes, code_off);
+        tu_dbuf d_absmax = tu_dbuf_new(g, (size_t)nblocks * 4, 0);
         int64_t bad = 12345;
-        ck_assert_qlora_ok(ql_cuda_quantize_4bit(g->cs, d_x + GUARD + in_off, dtype, n, bs, type,
-                                                 d_codes + GUARD + code_off, (float *)(d_absmax + GUARD), &bad));
+        ck_assert_qlora_ok(ql_cuda_quantize_4bit(g->cs, tu_dbuf_ptr(&d_x), dtype, n, bs, type, tu_dbuf_ptr(&d_codes),
+                                                 tu_dbuf_ptr(&d_absmax), &bad));
         ck_assert_msg(bad == -1, "%s: first_nonfinite %lld on finite data", what, (long long)bad);
-        uint8_t *codes = download_checked(g, d_codes, ncodes, code_off, what);
-        uint8_t *absmax = download_checked(g, d_absmax, (size_t)nblocks * 4, 0, what);
+        uint8_t *codes = tu_dbuf_download(g, &d_codes, what);
+        uint8_t *absmax = tu_dbuf_download(g, &d_absmax, what);
         for (size_t j = 0; j < ncodes; j++)
             ck_assert_msg(codes[j] == want_codes[j], "%s: code byte %zu is 0x%02x, reference 0x%02x", what, j, codes[j],
                           want_codes[j]);
@@ -178,9 +112,9 @@ static void check_quantize(gpu *g, tu_rng *rng, qlora_dtype dtype, qlora_quant_t
         }
         free(codes);
         free(absmax);
-        qlora_free(g->ctx, d_x);
-        qlora_free(g->ctx, d_codes);
-        qlora_free(g->ctx, d_absmax);
+        tu_dbuf_free(g, &d_x);
+        tu_dbuf_free(g, &d_codes);
+        tu_dbuf_free(g, &d_absmax);
     }
     free(x);
     free(xin);
@@ -189,8 +123,8 @@ static void check_quantize(gpu *g, tu_rng *rng, qlora_dtype dtype, qlora_quant_t
 }
 
 START_TEST(quantize_matches_reference) {
-    gpu g;
-    if (!gpu_open(&g))
+    tu_gpu g;
+    if (!tu_gpu_open(&g, POISON))
         return;
     tu_rng rng;
     tu_rng_init(&rng, tu_seed() ^ 0x51);
@@ -205,13 +139,13 @@ START_TEST(quantize_matches_reference) {
         }
         check_quantize(&g, &rng, float_dtypes[d], QLORA_QUANT_NF4, 64, (1 << 20) + 3);
     }
-    gpu_close(&g);
+    tu_gpu_close(&g);
 }
 END_TEST
 
 START_TEST(quantize_reports_the_first_nonfinite_element) {
-    gpu g;
-    if (!gpu_open(&g))
+    tu_gpu g;
+    if (!tu_gpu_open(&g, POISON))
         return;
     tu_rng rng;
     tu_rng_init(&rng, tu_seed() ^ 0x52);
@@ -235,12 +169,12 @@ START_TEST(quantize_reports_the_first_nonfinite_element) {
                 first = pos[k] < first ? pos[k] : first;
             }
             void *xin = tu_to_dtype(x, n, dtype);
-            uint8_t *d_x = dev_copy(&g, xin, (size_t)n * elem_size(dtype), 0);
-            uint8_t *d_codes = dev_poisoned(&g, (size_t)(n + 1) / 2);
-            uint8_t *d_absmax = dev_poisoned(&g, (size_t)(n / 64 + 1) * 4);
+            tu_dbuf d_x = tu_dbuf_from(&g, xin, (size_t)n * elem_size(dtype), 0);
+            tu_dbuf d_codes = tu_dbuf_new(&g, (size_t)(n + 1) / 2, 0);
+            tu_dbuf d_absmax = tu_dbuf_new(&g, (size_t)(n / 64 + 1) * 4, 0);
             int64_t bad = -7;
-            ck_assert_qlora_ok(ql_cuda_quantize_4bit(g.cs, d_x + GUARD, dtype, n, 64, QLORA_QUANT_NF4, d_codes + GUARD,
-                                                     (float *)(d_absmax + GUARD), &bad));
+            ck_assert_qlora_ok(ql_cuda_quantize_4bit(g.cs, tu_dbuf_ptr(&d_x), dtype, n, 64, QLORA_QUANT_NF4,
+                                                     tu_dbuf_ptr(&d_codes), tu_dbuf_ptr(&d_absmax), &bad));
             ck_assert_msg(bad == first, "%s trial %d: first_nonfinite %lld, expected %lld", qlora_dtype_name(dtype),
                           trial, (long long)bad, (long long)first);
             float *ref_absmax = malloc((size_t)(n / 64 + 1) * 4);
@@ -250,17 +184,17 @@ START_TEST(quantize_reports_the_first_nonfinite_element) {
             free(ref_absmax);
             free(ref_codes);
             free(xin);
-            qlora_free(g.ctx, d_x);
-            qlora_free(g.ctx, d_codes);
-            qlora_free(g.ctx, d_absmax);
+            tu_dbuf_free(&g, &d_x);
+            tu_dbuf_free(&g, &d_codes);
+            tu_dbuf_free(&g, &d_absmax);
         }
         free(x);
     }
-    gpu_close(&g);
+    tu_gpu_close(&g);
 }
 END_TEST
 
-static void check_double_quant(gpu *g, tu_rng *rng, int64_t nblocks, int all_equal) {
+static void check_double_quant(tu_gpu *g, tu_rng *rng, int64_t nblocks, int all_equal) {
     float *absmax = malloc((size_t)nblocks * sizeof(float));
     ck_assert_ptr_nonnull(absmax);
     for (int64_t i = 0; i < nblocks; i++)
@@ -274,16 +208,16 @@ static void check_double_quant(gpu *g, tu_rng *rng, int64_t nblocks, int all_equ
     char what[96];
     snprintf(what, sizeof what, "double quant of %lld scales%s", (long long)nblocks, all_equal ? " (all equal)" : "");
 
-    uint8_t *d_absmax = dev_copy(g, absmax, (size_t)nblocks * 4, 4); /* 4 bytes off a 16-byte boundary */
-    uint8_t *d_q = dev_poisoned(g, (size_t)nblocks);
-    uint8_t *d_nested = dev_poisoned(g, (size_t)nested_n * 4);
+    tu_dbuf d_absmax = tu_dbuf_from(g, absmax, (size_t)nblocks * 4, 4); /* 4 bytes off a 16-byte boundary */
+    tu_dbuf d_q = tu_dbuf_new(g, (size_t)nblocks, 0);
+    tu_dbuf d_nested = tu_dbuf_new(g, (size_t)nested_n * 4, 0);
     float offset = -1.0f;
-    ck_assert_qlora_ok(ql_cuda_double_quant(g->cs, (const float *)(d_absmax + GUARD + 4), nblocks, dyn, d_q + GUARD,
-                                            (float *)(d_nested + GUARD), &offset));
+    ck_assert_qlora_ok(ql_cuda_double_quant(g->cs, tu_dbuf_ptr(&d_absmax), nblocks, dyn, tu_dbuf_ptr(&d_q),
+                                            tu_dbuf_ptr(&d_nested), &offset));
     ck_assert_msg(ql_f32_bits(offset) == ql_f32_bits(want_offset), "%s: offset %a, reference %a", what,
                   (double)offset, (double)want_offset);
-    uint8_t *q = download_checked(g, d_q, (size_t)nblocks, 0, what);
-    uint8_t *nested = download_checked(g, d_nested, (size_t)nested_n * 4, 0, what);
+    uint8_t *q = tu_dbuf_download(g, &d_q, what);
+    uint8_t *nested = tu_dbuf_download(g, &d_nested, what);
     for (int64_t i = 0; i < nblocks; i++)
         ck_assert_msg(q[i] == want_q[i], "%s: qabsmax[%lld] = %u, reference %u", what, (long long)i, q[i], want_q[i]);
     ck_assert_msg(memcmp(nested, want_nested, (size_t)nested_n * 4) == 0, "%s: nested absmax differs", what);
@@ -292,14 +226,14 @@ static void check_double_quant(gpu *g, tu_rng *rng, int64_t nblocks, int all_equ
     free(absmax);
     free(want_q);
     free(want_nested);
-    qlora_free(g->ctx, d_absmax);
-    qlora_free(g->ctx, d_q);
-    qlora_free(g->ctx, d_nested);
+    tu_dbuf_free(g, &d_absmax);
+    tu_dbuf_free(g, &d_q);
+    tu_dbuf_free(g, &d_nested);
 }
 
 START_TEST(double_quant_matches_reference) {
-    gpu g;
-    if (!gpu_open(&g))
+    tu_gpu g;
+    if (!tu_gpu_open(&g, POISON))
         return;
     tu_rng rng;
     tu_rng_init(&rng, tu_seed() ^ 0x53);
@@ -312,11 +246,11 @@ START_TEST(double_quant_matches_reference) {
     float offset = -1.0f;
     ck_assert_qlora_ok(ql_cuda_double_quant(g.cs, NULL, 0, qlora_dynamic_map_signed(), NULL, NULL, &offset));
     ck_assert(offset == 0.0f);
-    gpu_close(&g);
+    tu_gpu_close(&g);
 }
 END_TEST
 
-static void check_dequantize(gpu *g, tu_rng *rng, qlora_dtype out_dtype, int double_quant, int bs, int64_t n,
+static void check_dequantize(tu_gpu *g, tu_rng *rng, qlora_dtype out_dtype, int double_quant, int bs, int64_t n,
                              size_t out_off_elems, size_t code_off) {
     qlora_quant_type type = (qlora_quant_type)(tu_next(rng) % 2);
     int64_t nblocks = (n + bs - 1) / bs, nested_n = (nblocks + 255) / 256;
@@ -346,11 +280,11 @@ static void check_dequantize(gpu *g, tu_rng *rng, qlora_dtype out_dtype, int dou
     snprintf(what, sizeof what, "dequantize %s->%s%s blocksize %d n %lld offsets %zu/%zu", qlora_quant_type_name(type),
              qlora_dtype_name(out_dtype), double_quant ? " (double quant)" : "", bs, (long long)n, out_off_elems,
              code_off);
-    uint8_t *d_codes = dev_copy(g, codes, ncodes, code_off);
-    uint8_t *d_absmax = dev_copy(g, absmax, (size_t)nblocks * 4, 0);
-    uint8_t *d_q = dev_copy(g, qabsmax, (size_t)nblocks, 0);
-    uint8_t *d_nested = dev_copy(g, nested, (size_t)nested_n * 4, 0);
-    uint8_t *d_out = dev_poisoned(g, (size_t)n * osz + out_off_elems * osz);
+    tu_dbuf d_codes = tu_dbuf_from(g, codes, ncodes, code_off);
+    tu_dbuf d_absmax = tu_dbuf_from(g, absmax, (size_t)nblocks * 4, 0);
+    tu_dbuf d_q = tu_dbuf_from(g, qabsmax, (size_t)nblocks, 0);
+    tu_dbuf d_nested = tu_dbuf_from(g, nested, (size_t)nested_n * 4, 0);
+    tu_dbuf d_out = tu_dbuf_new(g, (size_t)n * osz, out_off_elems * osz);
 
     qlora_qtensor q;
     memset(&q, 0, sizeof q);
@@ -363,17 +297,17 @@ static void check_dequantize(gpu *g, tu_rng *rng, qlora_dtype out_dtype, int dou
     q.numel = n;
     q.nblocks = nblocks;
     q.nested_nblocks = double_quant ? nested_n : 0;
-    q.codes = d_codes + GUARD + code_off;
-    q.absmax = double_quant ? NULL : (float *)(d_absmax + GUARD);
-    q.qabsmax = double_quant ? d_q + GUARD : NULL;
-    q.nested_absmax = double_quant ? (float *)(d_nested + GUARD) : NULL;
+    q.codes = tu_dbuf_ptr(&d_codes);
+    q.absmax = double_quant ? NULL : tu_dbuf_ptr(&d_absmax);
+    q.qabsmax = double_quant ? tu_dbuf_ptr(&d_q) : NULL;
+    q.nested_absmax = double_quant ? tu_dbuf_ptr(&d_nested) : NULL;
     q.nested_offset = double_quant ? offset : 0.0f;
     memcpy(q.code, qlora_quant_codebook(type), sizeof q.code);
     memcpy(q.nested_code, dyn, sizeof q.nested_code);
     q.device = 0;
     ql_copy_name(q.name, "cuda-dequant-test");
-    ck_assert_qlora_ok(ql_cuda_dequantize_4bit(g->cs, &q, d_out + GUARD + out_off_elems * osz, out_dtype));
-    uint8_t *got = download_checked(g, d_out, (size_t)n * osz, out_off_elems * osz, what);
+    ck_assert_qlora_ok(ql_cuda_dequantize_4bit(g->cs, &q, tu_dbuf_ptr(&d_out), out_dtype));
+    uint8_t *got = tu_dbuf_download(g, &d_out, what);
     for (int64_t i = 0; i < n; i++)
         ck_assert_msg(memcmp(got + i * osz, (uint8_t *)want + i * osz, osz) == 0, "%s: element %lld differs", what,
                       (long long)i);
@@ -384,16 +318,16 @@ static void check_dequantize(gpu *g, tu_rng *rng, qlora_dtype out_dtype, int dou
     free(nested);
     free(decoded);
     free(want);
-    qlora_free(g->ctx, d_codes);
-    qlora_free(g->ctx, d_absmax);
-    qlora_free(g->ctx, d_q);
-    qlora_free(g->ctx, d_nested);
-    qlora_free(g->ctx, d_out);
+    tu_dbuf_free(g, &d_codes);
+    tu_dbuf_free(g, &d_absmax);
+    tu_dbuf_free(g, &d_q);
+    tu_dbuf_free(g, &d_nested);
+    tu_dbuf_free(g, &d_out);
 }
 
 START_TEST(dequantize_matches_reference) {
-    gpu g;
-    if (!gpu_open(&g))
+    tu_gpu g;
+    if (!tu_gpu_open(&g, POISON))
         return;
     tu_rng rng;
     tu_rng_init(&rng, tu_seed() ^ 0x54);
@@ -411,13 +345,13 @@ START_TEST(dequantize_matches_reference) {
             check_dequantize(&g, &rng, float_dtypes[d], dq, 64, (1 << 22) + 5, 0, 0);
         }
     }
-    gpu_close(&g);
+    tu_gpu_close(&g);
 }
 END_TEST
 
 START_TEST(failures_are_reported_with_the_call) {
-    gpu g;
-    if (!gpu_open(&g))
+    tu_gpu g;
+    if (!tu_gpu_open(&g, POISON))
         return;
     void *p = NULL;
     /* An impossible allocation: the CUDA error is named, and it does not poison later calls. */
@@ -428,7 +362,8 @@ START_TEST(failures_are_reported_with_the_call) {
                           "qlora_alloc");
     ck_assert_qlora_ok(ql_cuda_synchronize(g.cs));
 
-    uint8_t *d = dev_poisoned(&g, 4096);
+    tu_dbuf buf = tu_dbuf_new(&g, 4096, 0);
+    uint8_t *d = tu_dbuf_ptr(&buf);
     int64_t bad = 0;
     ck_assert_qlora_fails(ql_cuda_quantize_4bit(g.cs, d, QLORA_F32, 100, 48, QLORA_QUANT_NF4, d, (float *)d, &bad),
                           QLORA_ERR_INVALID_ARG, "blocksize 48");
@@ -453,8 +388,8 @@ START_TEST(failures_are_reported_with_the_call) {
     ql_cuda_state *other = NULL;
     ck_assert_qlora_fails(ql_cuda_init(qlora_cuda_device_count() + 3, &other), QLORA_ERR_DEVICE, "visible");
     ck_assert_ptr_null(other);
-    qlora_free(g.ctx, d);
-    gpu_close(&g);
+    tu_dbuf_free(&g, &buf);
+    tu_gpu_close(&g);
 }
 END_TEST
 

@@ -49,18 +49,6 @@ static uint16_t *random_bf16(tu_rng *rng, int64_t n, float sigma) {
     return h;
 }
 
-/* A tensor on the context's device holding a copy of host data (NULL: uninitialized). */
-static qlora_tensor dev_tensor(qlora_ctx *ctx, const char *name, qlora_dtype dtype, int ndim, const int64_t *shape,
-                               const void *host) {
-    qlora_tensor h, d;
-    ck_assert_qlora_ok(qlora_tensor_init(&h, name, dtype, ndim, shape, (void *)host, QLORA_DEVICE_HOST));
-    d = h;
-    ck_assert_qlora_ok(qlora_tensor_alloc(ctx, &d, 1, QLORA_MEM_WORKSPACE));
-    if (host)
-        ck_assert_qlora_ok(qlora_tensor_copy(ctx, &d, &h));
-    return d;
-}
-
 /* A host copy (malloc'ed) of any tensor the context reaches. */
 static void *to_host(qlora_ctx *ctx, const qlora_tensor *t) {
     size_t n = qlora_tensor_nbytes(t);
@@ -82,7 +70,7 @@ static void from_host(qlora_ctx *ctx, qlora_tensor *t, const void *host) {
 /* The dequantized weight as doubles. */
 static double *dequantized(qlora_ctx *ctx, const qlora_qtensor *q) {
     int64_t shape[1] = {q->numel};
-    qlora_tensor d = dev_tensor(ctx, "w32", QLORA_F32, 1, shape, NULL);
+    qlora_tensor d = tu_device_tensor(ctx, "w32", QLORA_F32, 1, shape, NULL);
     ck_assert_qlora_ok(qlora_dequantize(ctx, q, &d));
     float *f = to_host(ctx, &d);
     double *w = xmalloc((size_t)q->numel * sizeof(double));
@@ -426,12 +414,12 @@ static void layer_make(layer *L, qlora_ctx *ctx, const case_data *d) {
     memset(L, 0, sizeof *L);
     L->ctx = ctx;
     int64_t wshape[2] = {c->n, c->k}, xs[2] = {c->m, c->k}, ys[2] = {c->m, c->n}, bs[1] = {c->n};
-    qlora_tensor w32 = dev_tensor(ctx, "model.layers.0.mlp.up_proj.weight", QLORA_F32, 2, wshape, d->w);
+    qlora_tensor w32 = tu_device_tensor(ctx, "model.layers.0.mlp.up_proj.weight", QLORA_F32, 2, wshape, d->w);
     qlora_quant_params qp = {QLORA_QUANT_NF4, c->blocksize, c->double_quant};
     ck_assert_qlora_ok(qlora_quantize(ctx, &w32, &qp, &L->w));
     qlora_tensor_free(ctx, &w32);
     if (d->bias)
-        L->bias = dev_tensor(ctx, "model.layers.0.mlp.up_proj.bias", QLORA_BF16, 1, bs, d->bias);
+        L->bias = tu_device_tensor(ctx, "model.layers.0.mlp.up_proj.bias", QLORA_BF16, 1, bs, d->bias);
     ck_assert_qlora_ok(qlora_linear_create(ctx, &L->w, d->bias ? &L->bias : NULL, &L->lin));
     for (int a = 0; a < c->nadapters; a++) {
         qlora_lora_params p = spec_params(&c->ad[a], d->seed + (uint64_t)a);
@@ -440,10 +428,10 @@ static void layer_make(layer *L, qlora_ctx *ctx, const case_data *d) {
         ck_assert_qlora_ok(qlora_linear_adapter_tensors(L->lin, L->ids[a], NULL, &b, NULL, NULL));
         from_host(ctx, &b, d->b[a]);
     }
-    L->x = dev_tensor(ctx, "x", QLORA_BF16, 2, xs, d->x);
-    L->y = dev_tensor(ctx, "y", QLORA_BF16, 2, ys, NULL);
-    L->dy = dev_tensor(ctx, "dy", QLORA_BF16, 2, ys, d->dy);
-    L->dx = dev_tensor(ctx, "dx", QLORA_BF16, 2, xs, NULL);
+    L->x = tu_device_tensor(ctx, "x", QLORA_BF16, 2, xs, d->x);
+    L->y = tu_device_tensor(ctx, "y", QLORA_BF16, 2, ys, NULL);
+    L->dy = tu_device_tensor(ctx, "dy", QLORA_BF16, 2, ys, d->dy);
+    L->dx = tu_device_tensor(ctx, "dx", QLORA_BF16, 2, xs, NULL);
 }
 
 static void layer_free(layer *L) {
@@ -976,7 +964,7 @@ static void mask_layer_make(mask_layer *ml, qlora_ctx *ctx, const uint16_t *x, f
     ml->ctx = ctx;
     int64_t wshape[2] = {MASK_K, MASK_K}, xs[2] = {MASK_M, MASK_K};
     float *zeros = xmalloc(MASK_K * MASK_K * sizeof(float));
-    qlora_tensor w32 = dev_tensor(ctx, "mask.weight", QLORA_F32, 2, wshape, zeros);
+    qlora_tensor w32 = tu_device_tensor(ctx, "mask.weight", QLORA_F32, 2, wshape, zeros);
     free(zeros);
     ck_assert_qlora_ok(qlora_quantize(ctx, &w32, NULL, &ml->w));
     qlora_tensor_free(ctx, &w32);
@@ -996,8 +984,8 @@ static void mask_layer_make(mask_layer *ml, qlora_ctx *ctx, const uint16_t *x, f
     ck_assert_qlora_ok(qlora_linear_adapter_tensors(ml->lin, id, &a, &b, NULL, NULL));
     from_host(ctx, &a, eye);
     from_host(ctx, &b, eye);
-    ml->x = dev_tensor(ctx, "x", QLORA_BF16, 2, xs, x);
-    ml->y = dev_tensor(ctx, "y", QLORA_BF16, 2, xs, NULL);
+    ml->x = tu_device_tensor(ctx, "x", QLORA_BF16, 2, xs, x);
+    ml->y = tu_device_tensor(ctx, "y", QLORA_BF16, 2, xs, NULL);
 }
 
 static uint16_t *mask_forward(mask_layer *ml, int training, uint64_t stream) {

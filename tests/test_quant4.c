@@ -69,21 +69,9 @@ static void expected_free(expected *e) {
     free(e->nested);
 }
 
-/* A tensor on the context's device holding a copy of host data. */
-static qlora_tensor device_tensor(qlora_ctx *ctx, const char *name, qlora_dtype dtype, int ndim, const int64_t *shape,
-                                  const void *host) {
-    qlora_tensor h, d;
-    ck_assert_qlora_ok(qlora_tensor_init(&h, name, dtype, ndim, shape, (void *)host, QLORA_DEVICE_HOST));
-    d = h;
-    ck_assert_qlora_ok(qlora_tensor_alloc(ctx, &d, 1, QLORA_MEM_WORKSPACE));
-    if (host)
-        ck_assert_qlora_ok(qlora_tensor_copy(ctx, &d, &h));
-    return d;
-}
-
 static void quantize_host_data(qlora_ctx *ctx, const void *x, qlora_dtype dtype, int ndim, const int64_t *shape,
                                const qlora_quant_params *p, qlora_qtensor *out) {
-    qlora_tensor src = device_tensor(ctx, "w", dtype, ndim, shape, x);
+    qlora_tensor src = tu_device_tensor(ctx, "w", dtype, ndim, shape, x);
     ck_assert_qlora_ok(qlora_quantize(ctx, &src, p, out));
     qlora_tensor_free(ctx, &src);
 }
@@ -111,7 +99,7 @@ static void assert_matches(qlora_ctx *ctx, const qlora_qtensor *q, const expecte
 /* Dequantizes q into host memory of dtype out_dtype (malloc'ed). */
 static void *dequantize_to_host(qlora_ctx *ctx, const qlora_qtensor *q, qlora_dtype out_dtype) {
     int64_t shape[1] = {q->numel};
-    qlora_tensor d = device_tensor(ctx, "out", out_dtype, 1, shape, NULL);
+    qlora_tensor d = tu_device_tensor(ctx, "out", out_dtype, 1, shape, NULL);
     ck_assert_qlora_ok(qlora_dequantize(ctx, q, &d));
     void *host = malloc((size_t)(q->numel > 0 ? q->numel : 1) * elem_size(out_dtype));
     ck_assert_ptr_nonnull(host);
@@ -778,7 +766,7 @@ START_TEST(non_finite_values_are_rejected_naming_the_element) {
             put_value(x, cases[c].dtype, 20 * C + 7, cases[c].value);
             put_value(x, cases[c].dtype, 30 * C + 1, NAN); /* a later one is not reported */
             int64_t shape[2] = {R, C};
-            qlora_tensor src = device_tensor(ctx, "layers.3.mlp.w", cases[c].dtype, 2, shape, x);
+            qlora_tensor src = tu_device_tensor(ctx, "layers.3.mlp.w", cases[c].dtype, 2, shape, x);
             for (int dq = 0; dq < 2; dq++) {
                 qlora_quant_params p = {(qlora_quant_type)dq, 64, dq};
                 qlora_qtensor q;
@@ -799,7 +787,7 @@ START_TEST(non_finite_values_are_rejected_naming_the_element) {
         float y[2 * 3 * 5] = {0};
         y[1 * 15 + 2 * 5 + 3] = NAN;
         int64_t shape3[3] = {2, 3, 5};
-        qlora_tensor src = device_tensor(ctx, "t3", QLORA_F32, 3, shape3, y);
+        qlora_tensor src = tu_device_tensor(ctx, "t3", QLORA_F32, 3, shape3, y);
         qlora_qtensor q;
         ck_assert_qlora_fails(qlora_quantize(ctx, &src, NULL, &q), QLORA_ERR_NON_FINITE,
                               "element 28 (index [1, 2, 3])");

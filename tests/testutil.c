@@ -23,14 +23,18 @@ int tu_backends(tu_backend out[4]) {
     out[n].params = qlora_ctx_default_params();
     out[n].params.cpu_kernels = QLORA_CPU_REFERENCE;
     n++;
-    if (tu_have_gpu()) {
-        out[n].name = "cuda:0";
-        out[n].params = qlora_ctx_default_params();
-        out[n].params.backend = QLORA_BACKEND_CUDA;
-        out[n].params.device = 0;
-        n++;
-    }
+    if (tu_have_gpu())
+        out[n++] = tu_cuda_backend();
     return n;
+}
+
+tu_backend tu_cuda_backend(void) {
+    tu_backend b;
+    b.name = "cuda:0";
+    b.params = qlora_ctx_default_params();
+    b.params.backend = QLORA_BACKEND_CUDA;
+    b.params.device = 0;
+    return b;
 }
 
 qlora_ctx *tu_ctx(const tu_backend *b) {
@@ -38,6 +42,22 @@ qlora_ctx *tu_ctx(const tu_backend *b) {
     qlora_status st = qlora_ctx_create(&b->params, &ctx);
     ck_assert_msg(st == QLORA_OK, "backend %s: %s", b->name, qlora_last_error());
     return ctx;
+}
+
+qlora_ctx *tu_cuda_ctx(void) {
+    tu_backend b = tu_cuda_backend();
+    return tu_ctx(&b);
+}
+
+qlora_tensor tu_device_tensor(qlora_ctx *ctx, const char *name, qlora_dtype dtype, int ndim, const int64_t *shape,
+                              const void *host) {
+    qlora_tensor h, d;
+    ck_assert_qlora_ok(qlora_tensor_init(&h, name, dtype, ndim, shape, (void *)host, QLORA_DEVICE_HOST));
+    d = h;
+    ck_assert_qlora_ok(qlora_tensor_alloc(ctx, &d, 1, QLORA_MEM_WORKSPACE));
+    if (host)
+        ck_assert_qlora_ok(qlora_tensor_copy(ctx, &d, &h));
+    return d;
 }
 
 uint64_t tu_seed(void) {

@@ -35,8 +35,16 @@ typedef struct tu_backend {
     qlora_ctx_params params;
 } tu_backend;
 int tu_backends(tu_backend out[4]);
+/* CUDA device 0 (whether or not one is visible). */
+tu_backend tu_cuda_backend(void);
 /* Creates a context for a backend; the test fails if it cannot. */
 qlora_ctx *tu_ctx(const tu_backend *b);
+/* tu_ctx(cuda:0): only where tu_have_gpu(). */
+qlora_ctx *tu_cuda_ctx(void);
+/* A tensor on the context's device (a workspace allocation) holding a copy of host data
+ * (NULL: uninitialized). */
+qlora_tensor tu_device_tensor(qlora_ctx *ctx, const char *name, qlora_dtype dtype, int ndim, const int64_t *shape,
+                              const void *host);
 /* 1 when a CUDA backend is usable here (built in and a device visible). */
 int tu_have_gpu(void);
 

@@ -18,12 +18,13 @@
 #include <unistd.h>
 
 #include "json_splice.h" /* tool_strbuf */
+#include "tool_cli.h"
 #include "tool_files.h"
 
 /* Exit codes (documented in --help). */
 enum {
-    EXIT_USAGE = 1,  /* bad command line */
-    EXIT_INPUT = 2,  /* unknown preset, unreadable or malformed config.json, settings out of range */
+    EXIT_USAGE = TOOL_EXIT_USAGE, /* bad command line */
+    EXIT_INPUT = 2, /* unknown preset, unreadable or malformed config.json, settings out of range */
     EXIT_OUTPUT = 3  /* the SVG file cannot be written */
 };
 
@@ -54,28 +55,6 @@ static const char *const COMP_COLOURS[NCOMP] = {"#4e79a7", "#59a14f", "#f28e2b",
 static uint64_t component(const qlora_mem_estimate_result *r, int c) {
     const uint64_t v[NCOMP] = {r->weights, r->trainable, r->gradients, r->optimizer, r->activations};
     return v[c];
-}
-
-/* ------------------------------------------------------------------ messages */
-static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void say(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "%s: ", PROG);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
-
-static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int usage_error(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "%s: ", PROG);
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\nTry '%s --help' for more information.\n", PROG);
-    va_end(ap);
-    return EXIT_USAGE;
 }
 
 static void usage(FILE *to) {
@@ -127,7 +106,7 @@ static int parse_args(int argc, char **argv, options *o) {
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
         if (arg[0] != '-' || arg[1] != '-')
-            return usage_error("unexpected argument '%s'", arg);
+            return tool_usage_error("unexpected argument '%s'", arg);
         const char *eq = strchr(arg, '=');
         char name[32];
         size_t name_len = eq ? (size_t)(eq - arg) : strlen(arg);
@@ -144,9 +123,9 @@ static int parse_args(int argc, char **argv, options *o) {
             else if (i + 1 < argc)
                 value = argv[++i];
             else
-                return usage_error("option %s needs a value", name);
+                return tool_usage_error("option %s needs a value", name);
         } else if (eq) {
-            return usage_error("option %s takes no value", name);
+            return tool_usage_error("option %s takes no value", name);
         }
 
         if (!strcmp(name, "--help")) {
@@ -161,47 +140,48 @@ static int parse_args(int argc, char **argv, options *o) {
             o->preset = value;
         } else if (!strcmp(name, "--seq")) {
             if (parse_count(value, &o->settings.seq_len))
-                return usage_error("--seq expects a positive integer, got '%s'", value);
+                return tool_usage_error("--seq expects a positive integer, got '%s'", value);
         } else if (!strcmp(name, "--batch")) {
             if (parse_count(value, &o->settings.micro_batch))
-                return usage_error("--batch expects a positive integer, got '%s'", value);
+                return tool_usage_error("--batch expects a positive integer, got '%s'", value);
         } else if (!strcmp(name, "--rank")) {
             if (parse_count(value, &o->settings.lora_rank))
-                return usage_error("--rank expects a positive integer, got '%s'", value);
+                return tool_usage_error("--rank expects a positive integer, got '%s'", value);
         } else if (!strcmp(name, "--targets")) {
             if (!strcmp(value, "all-linear"))
                 o->settings.targets = QLORA_TARGETS_ALL_LINEAR;
             else if (!strcmp(value, "attn"))
                 o->settings.targets = QLORA_TARGETS_ATTENTION;
             else
-                return usage_error("--targets must be all-linear or attn, got '%s'", value);
+                return tool_usage_error("--targets must be all-linear or attn, got '%s'", value);
         } else if (!strcmp(name, "--grad-checkpointing")) {
             if (!strcmp(value, "on"))
                 o->settings.grad_checkpointing = 1;
             else if (!strcmp(value, "off"))
                 o->settings.grad_checkpointing = 0;
             else
-                return usage_error("--grad-checkpointing must be on or off, got '%s'", value);
+                return tool_usage_error("--grad-checkpointing must be on or off, got '%s'", value);
         } else if (!strcmp(name, "--json")) {
             o->json = 1;
         } else if (!strcmp(name, "--svg")) {
             if (!*value)
-                return usage_error("--svg needs a file name");
+                return tool_usage_error("--svg needs a file name");
             o->svg = value;
         } else if (!strcmp(name, "--fit")) {
             char *end;
             errno = 0;
             o->fit_gb = strtod(value, &end);
             if (errno || end == value || *end || !(o->fit_gb > 0) || o->fit_gb > 1e6)
-                return usage_error("--fit expects the GPU's memory in GB (a positive number), got '%s'", value);
+                return tool_usage_error("--fit expects the GPU's memory in GB (a positive number), got '%s'", value);
         } else {
-            return usage_error("unknown option '%s'", arg);
+            return tool_usage_error("unknown option '%s'", arg);
         }
     }
     if (!o->model_dir == !o->preset)
-        return usage_error(o->preset ? "give --model or --preset, not both" : "missing --model DIR or --preset NAME");
+        return tool_usage_error(o->preset ? "give --model or --preset, not both"
+                                          : "missing --model DIR or --preset NAME");
     if (o->json && o->fit_gb > 0)
-        return usage_error("--fit prints a table and cannot be combined with --json");
+        return tool_usage_error("--fit prints a table and cannot be combined with --json");
     return -1;
 }
 
@@ -210,24 +190,24 @@ static int parse_args(int argc, char **argv, options *o) {
 static int load_model(const options *o, qlora_model_config *cfg) {
     if (o->preset) {
         if (qlora_model_config_preset(o->preset, cfg) != QLORA_OK) {
-            say("%s", qlora_last_error());
+            tool_say("%s", qlora_last_error());
             return EXIT_INPUT;
         }
         return 0;
     }
     struct stat st;
     if (stat(o->model_dir, &st) != 0) {
-        say("cannot read %s: %s", o->model_dir, strerror(errno));
+        tool_say("cannot read %s: %s", o->model_dir, strerror(errno));
         return EXIT_INPUT;
     }
     char *path = S_ISDIR(st.st_mode) ? tool_path_join(o->model_dir, "config.json") : strdup(o->model_dir);
     if (!path) {
-        say("out of memory");
+        tool_say("out of memory");
         return EXIT_INPUT;
     }
     int rc = 0;
     if (qlora_model_config_from_json_file(path, cfg) != QLORA_OK) {
-        say("%s", qlora_last_error());
+        tool_say("%s", qlora_last_error());
         rc = EXIT_INPUT;
     }
     free(path);
@@ -244,7 +224,7 @@ static int estimate_all(const qlora_model_config *cfg, const qlora_train_setting
                         qlora_mem_estimate_result out[3]) {
     for (int i = 0; i < 3; i++) {
         if (qlora_mem_estimate(cfg, s, REGIMES[i], &out[i]) != QLORA_OK) {
-            say("%s", qlora_last_error());
+            tool_say("%s", qlora_last_error());
             return EXIT_INPUT;
         }
     }
@@ -376,7 +356,7 @@ static int print_fit(const options *o, const estimates *e) {
            "Shown: the GB needed without paging, the 1 GB reserve included.\n",
            o->settings.optimizer_state_bytes);
     if (failed) {
-        say("%s", qlora_last_error());
+        tool_say("%s", qlora_last_error());
         return EXIT_INPUT;
     }
     return 0;
@@ -415,7 +395,7 @@ static int print_json(const options *o, const estimates *e) {
     char *text = ok ? cJSON_Print(root) : NULL;
     cJSON_Delete(root);
     if (!text) {
-        say("out of memory");
+        tool_say("out of memory");
         return EXIT_OUTPUT;
     }
     printf("%s\n", text);
@@ -580,23 +560,23 @@ static int write_svg(const options *o, const estimates *e) {
     build_svg(o, e, &b);
     if (b.failed) {
         tool_strbuf_free(&b);
-        say("out of memory building the SVG");
+        tool_say("out of memory building the SVG");
         return EXIT_OUTPUT;
     }
     size_t n = strlen(o->svg) + 32;
     char *tmp = malloc(n);
     int rc = 0;
     if (!tmp) {
-        say("out of memory");
+        tool_say("out of memory");
         rc = EXIT_OUTPUT;
     } else {
         snprintf(tmp, n, "%s.tmp-%ld", o->svg, (long)getpid());
         if (tool_write_new_file(tmp, b.data, b.len) != 0) {
-            say("cannot write %s: %s", tmp, strerror(errno));
+            tool_say("cannot write %s: %s", tmp, strerror(errno));
             unlink(tmp);
             rc = EXIT_OUTPUT;
         } else if (rename(tmp, o->svg) != 0) {
-            say("cannot rename %s to %s: %s", tmp, o->svg, strerror(errno));
+            tool_say("cannot rename %s to %s: %s", tmp, o->svg, strerror(errno));
             unlink(tmp);
             rc = EXIT_OUTPUT;
         }
@@ -608,6 +588,7 @@ static int write_svg(const options *o, const estimates *e) {
 
 /* ------------------------------------------------------------------ main */
 int main(int argc, char **argv) {
+    tool_cli_init(PROG);
     options opt;
     int rc = parse_args(argc, argv, &opt);
     if (rc >= 0)
@@ -631,7 +612,7 @@ int main(int argc, char **argv) {
     if (rc == 0 && opt.svg)
         rc = write_svg(&opt, &e);
     if (rc == 0 && fflush(stdout) != 0) {
-        say("cannot write to standard output: %s", strerror(errno));
+        tool_say("cannot write to standard output: %s", strerror(errno));
         rc = EXIT_OUTPUT;
     }
     return rc;

@@ -19,7 +19,6 @@
 #include <math.h>
 #include <regex.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,11 +27,12 @@
 #include <unistd.h>
 
 #include "json_splice.h" /* config.json edits that keep every other byte */
+#include "tool_cli.h"
 #include "tool_files.h"
 
 /* Exit codes (documented in --help). */
 enum {
-    EXIT_USAGE = 1,       /* bad command line */
+    EXIT_USAGE = TOOL_EXIT_USAGE, /* bad command line */
     EXIT_INPUT = 2,       /* IN missing, unreadable, malformed, or not convertible */
     EXIT_OUTPUT = 3,      /* OUT exists, cannot be written, or the system ran out of memory */
     EXIT_INTERRUPTED = 130
@@ -56,20 +56,9 @@ typedef struct options {
     int nskip, nskip_user;    /* default patterns first, then the user's */
 } options;
 
-/* ------------------------------------------------------------------ messages */
-static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void say(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "%s: ", PROG);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
-
 /* Reports a failed library call with the library's message; returns `code`. */
 static int lib_fail(int code, const char *what) {
-    say("%s: %s", what, qlora_last_error());
+    tool_say("%s: %s", what, qlora_last_error());
     return code;
 }
 
@@ -109,17 +98,6 @@ static void usage(FILE *to) {
             PROG);
 }
 
-static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int usage_error(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "%s: ", PROG);
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\nTry '%s --help' for more information.\n", PROG);
-    va_end(ap);
-    return EXIT_USAGE;
-}
-
 /* "5GB", "500MiB", "1048576", "0". Returns 0 on success. */
 static int parse_size(const char *text, uint64_t *out) {
     static const struct {
@@ -153,7 +131,7 @@ static int parse_args(int argc, char **argv, options *o) {
     o->quant = qlora_quant_default_params();
     for (int i = 0; i < NUM_DEFAULT_SKIP; i++)
         if (regcomp(&o->skip[o->nskip++], DEFAULT_SKIP[i], REG_EXTENDED | REG_NOSUB) != 0)
-            return usage_error("internal: bad default pattern '%s'", DEFAULT_SKIP[i]);
+            return tool_usage_error("internal: bad default pattern '%s'", DEFAULT_SKIP[i]);
     int positional = 0, options_done = 0;
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
@@ -163,7 +141,7 @@ static int parse_args(int argc, char **argv, options *o) {
             else if (positional == 1)
                 o->out = arg;
             else
-                return usage_error("unexpected argument '%s' (IN and OUT are already given)", arg);
+                return tool_usage_error("unexpected argument '%s' (IN and OUT are already given)", arg);
             positional++;
             continue;
         }
@@ -185,9 +163,9 @@ static int parse_args(int argc, char **argv, options *o) {
             else if (i + 1 < argc)
                 value = argv[++i];
             else
-                return usage_error("option %s needs a value", name);
+                return tool_usage_error("option %s needs a value", name);
         } else if (eq) {
-            return usage_error("option %s takes no value", name);
+            return tool_usage_error("option %s takes no value", name);
         }
 
         if (!strcmp(name, "--help") || !strcmp(name, "-h")) {
@@ -202,14 +180,14 @@ static int parse_args(int argc, char **argv, options *o) {
             else if (!strcmp(value, "fp4"))
                 o->quant.type = QLORA_QUANT_FP4;
             else
-                return usage_error("--type must be nf4 or fp4, got '%s'", value);
+                return tool_usage_error("--type must be nf4 or fp4, got '%s'", value);
             o->quant_option_given = 1;
         } else if (!strcmp(name, "--blocksize")) {
             char *end;
             errno = 0;
             long bs = strtol(value, &end, 10);
             if (errno || end == value || *end || bs < 32 || bs > 4096 || (bs & (bs - 1)))
-                return usage_error("--blocksize must be a power of two in 32..4096, got '%s'", value);
+                return tool_usage_error("--blocksize must be a power of two in 32..4096, got '%s'", value);
             o->quant.blocksize = (int)bs;
             o->quant_option_given = 1;
         } else if (!strcmp(name, "--no-double-quant")) {
@@ -217,12 +195,12 @@ static int parse_args(int argc, char **argv, options *o) {
             o->quant_option_given = 1;
         } else if (!strcmp(name, "--skip")) {
             if (o->nskip == MAX_SKIP)
-                return usage_error("too many --skip patterns (at most %d)", MAX_SKIP - NUM_DEFAULT_SKIP);
+                return tool_usage_error("too many --skip patterns (at most %d)", MAX_SKIP - NUM_DEFAULT_SKIP);
             int rc = regcomp(&o->skip[o->nskip], value, REG_EXTENDED | REG_NOSUB);
             if (rc != 0) {
                 char why[256];
                 regerror(rc, &o->skip[o->nskip], why, sizeof why);
-                return usage_error("--skip '%s' is not a valid extended regex: %s", value, why);
+                return tool_usage_error("--skip '%s' is not a valid extended regex: %s", value, why);
             }
             o->nskip++;
             o->nskip_user++;
@@ -231,19 +209,19 @@ static int parse_args(int argc, char **argv, options *o) {
             o->dequantize = 1;
         } else if (!strcmp(name, "--max-shard-size")) {
             if (parse_size(value, &o->max_shard_bytes) != 0)
-                return usage_error("--max-shard-size expects a size such as 2GB, 500MiB or 1048576, got '%s'",
+                return tool_usage_error("--max-shard-size expects a size such as 2GB, 500MiB or 1048576, got '%s'",
                                    value);
             o->max_shard_given = 1;
         } else if (!strcmp(name, "--quiet") || !strcmp(name, "-q")) {
             o->quiet = 1;
         } else {
-            return usage_error("unknown option '%s'", arg);
+            return tool_usage_error("unknown option '%s'", arg);
         }
     }
     if (positional < 2)
-        return usage_error(positional == 0 ? "missing IN and OUT" : "missing OUT");
+        return tool_usage_error(positional == 0 ? "missing IN and OUT" : "missing OUT");
     if (o->dequantize && o->quant_option_given)
-        return usage_error("--type, --blocksize, --no-double-quant and --skip do not apply to --dequantize");
+        return tool_usage_error("--type, --blocksize, --no-double-quant and --skip do not apply to --dequantize");
     return -1;
 }
 
@@ -391,29 +369,29 @@ static int edit_config(const options *o, char **skipped, size_t nskipped, char *
     int rc = 0;
     *out = NULL;
     if (!path) {
-        say("out of memory");
+        tool_say("out of memory");
         return EXIT_OUTPUT;
     }
     if (tool_read_file(path, &text, &n) != 0) {
         if (errno == ENOENT) {
             if (!o->quiet)
-                say("note: %s has no config.json; none written", o->in);
+                tool_say("note: %s has no config.json; none written", o->in);
         } else {
             rc = EXIT_INPUT;
-            say("cannot read %s: %s", path, strerror(errno));
+            tool_say("cannot read %s: %s", path, strerror(errno));
         }
         goto done;
     }
     root = cJSON_ParseWithLength(text, n);
     if (!root || !cJSON_IsObject(root) || tool_json_scan(text, n, &obj) != 0) {
         rc = EXIT_INPUT;
-        say("%s: not a valid JSON object", path);
+        tool_say("%s: not a valid JSON object", path);
         goto done;
     }
     size_t existing = tool_json_find(&obj, "quantization_config");
     if (!o->dequantize && existing < obj.count) {
         rc = EXIT_INPUT;
-        say("%s already has a quantization_config: the model is quantized (use --dequantize)", path);
+        tool_say("%s already has a quantization_config: the model is quantized (use --dequantize)", path);
         goto done;
     }
     if (!o->dequantize) {
@@ -424,7 +402,7 @@ static int edit_config(const options *o, char **skipped, size_t nskipped, char *
     }
     if (!*out) {
         rc = EXIT_OUTPUT;
-        say("out of memory");
+        tool_say("out of memory");
     }
 done:
     cJSON_Delete(root);
@@ -478,7 +456,7 @@ static int list_input_files(const char *in, input_files *f) {
         cJSON *map = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
         const cJSON *e;
         if (!cJSON_IsObject(map)) {
-            say("%s: no weight_map object", index_path);
+            tool_say("%s: no weight_map object", index_path);
             rc = EXIT_INPUT;
         }
         cJSON_ArrayForEach(e, map) {
@@ -506,7 +484,7 @@ static int list_input_files(const char *in, input_files *f) {
 static int copy_other_files(const options *o, const input_files *f, const char *dir) {
     DIR *d = opendir(o->in);
     if (!d) {
-        say("cannot list %s: %s", o->in, strerror(errno));
+        tool_say("cannot list %s: %s", o->in, strerror(errno));
         return EXIT_INPUT;
     }
     int rc = 0;
@@ -524,16 +502,16 @@ static int copy_other_files(const options *o, const input_files *f, const char *
         char *from = tool_path_join(o->in, name), *to = tool_path_join(dir, name);
         struct stat st;
         if (!from || !to) {
-            say("out of memory");
+            tool_say("out of memory");
             rc = EXIT_OUTPUT;
         } else if (stat(from, &st) != 0) {
-            say("cannot read %s: %s", from, strerror(errno));
+            tool_say("cannot read %s: %s", from, strerror(errno));
             rc = EXIT_INPUT;
         } else if (S_ISDIR(st.st_mode)) {
             if (!o->quiet)
-                say("note: subdirectory %s not copied", from);
+                tool_say("note: subdirectory %s not copied", from);
         } else if (S_ISREG(st.st_mode) && tool_copy_file(from, to) != 0) {
-            say("cannot copy %s to %s: %s", from, to, strerror(errno));
+            tool_say("cannot copy %s to %s: %s", from, to, strerror(errno));
             rc = access(from, R_OK) == 0 ? EXIT_OUTPUT : EXIT_INPUT;
         }
         free(from);
@@ -617,7 +595,7 @@ static int make_plan(job *j) {
     j->count = qlora_checkpoint_count(j->ckpt);
     j->items = calloc(j->count ? j->count : 1, sizeof *j->items);
     if (!j->items) {
-        say("out of memory");
+        tool_say("out of memory");
         return EXIT_OUTPUT;
     }
     size_t candidates = 0;
@@ -642,7 +620,7 @@ static int make_plan(job *j) {
         }
         if (ends_with(it->name, ".quant_state.bitsandbytes__nf4") ||
             ends_with(it->name, ".quant_state.bitsandbytes__fp4")) {
-            say("%s: tensor '%s' shows the checkpoint is already 4-bit quantized (use --dequantize)", j->opt->in,
+            tool_say("%s: tensor '%s' shows the checkpoint is already 4-bit quantized (use --dequantize)", j->opt->in,
                 it->name);
             return EXIT_INPUT;
         }
@@ -655,7 +633,7 @@ static int make_plan(job *j) {
             if (matches_any(j->opt->skip + NUM_DEFAULT_SKIP, j->opt->nskip_user, it->name))
                 user_skipped_any = 1;
             if (record_skipped_module(j, it->name) != 0) {
-                say("out of memory");
+                tool_say("out of memory");
                 return EXIT_OUTPUT;
             }
         } else {
@@ -671,7 +649,7 @@ static int make_plan(job *j) {
         j->nskipped_modules = 0;
     }
     if (candidates == 0) {
-        say(j->opt->dequantize ? "%s: no bitsandbytes 4-bit weights to dequantize"
+        tool_say(j->opt->dequantize ? "%s: no bitsandbytes 4-bit weights to dequantize"
                                : "%s: no 2-D F32/F16/BF16 *.weight tensor to quantize",
             j->opt->in);
         return EXIT_INPUT;
@@ -993,14 +971,14 @@ static int run_directory(job *j, const char *out) {
     char tmp[4096];
     snprintf(tmp, sizeof tmp, "%s.tmp-%ld", out, (long)getpid());
     if (mkdir(tmp, 0755) != 0) {
-        say("cannot create %s: %s", tmp, strerror(errno));
+        tool_say("cannot create %s: %s", tmp, strerror(errno));
         free_input_files(&files);
         free(config);
         return EXIT_OUTPUT;
     }
     char *weights = max_shard ? strdup(tmp) : tool_path_join(tmp, "model.safetensors");
     if (!weights) {
-        say("out of memory");
+        tool_say("out of memory");
         rc = EXIT_OUTPUT;
     }
     if (rc == 0)
@@ -1010,7 +988,7 @@ static int run_directory(job *j, const char *out) {
     if (rc == 0 && config) {
         char *path = tool_path_join(tmp, "config.json");
         if (!path || tool_write_new_file(path, config, strlen(config)) != 0) {
-            say("cannot write %s/config.json: %s", tmp, path ? strerror(errno) : "out of memory");
+            tool_say("cannot write %s/config.json: %s", tmp, path ? strerror(errno) : "out of memory");
             rc = EXIT_OUTPUT;
         }
         free(path);
@@ -1020,7 +998,7 @@ static int run_directory(job *j, const char *out) {
     if (rc == 0 && g_interrupted)
         rc = EXIT_INTERRUPTED;
     if (rc == 0 && publish_dir(tmp, out) != 0) {
-        say("cannot rename %s to %s: %s", tmp, out, strerror(errno));
+        tool_say("cannot rename %s to %s: %s", tmp, out, strerror(errno));
         rc = EXIT_OUTPUT;
     }
     if (rc != 0)
@@ -1033,7 +1011,7 @@ static int run_directory(job *j, const char *out) {
 
 static int run_file(job *j, const char *out) {
     if (j->opt->max_shard_given) {
-        say("--max-shard-size needs a model directory as IN (OUT is then a directory)");
+        tool_say("--max-shard-size needs a model directory as IN (OUT is then a directory)");
         return EXIT_USAGE;
     }
     j->st.file_bytes_in = tool_file_size(j->opt->in);
@@ -1044,6 +1022,7 @@ static int run_file(job *j, const char *out) {
 }
 
 int main(int argc, char **argv) {
+    tool_cli_init(PROG);
     options opt;
     int rc = parse_args(argc, argv, &opt);
     if (rc >= 0) {
@@ -1052,7 +1031,7 @@ int main(int argc, char **argv) {
     }
     char *out = strdup(opt.out);
     if (!out) {
-        say("out of memory");
+        tool_say("out of memory");
         free_options(&opt);
         return EXIT_OUTPUT;
     }
@@ -1065,13 +1044,13 @@ int main(int argc, char **argv) {
 
     struct stat in_st, out_st;
     if (stat(opt.in, &in_st) != 0) {
-        say("cannot read %s: %s", opt.in, strerror(errno));
+        tool_say("cannot read %s: %s", opt.in, strerror(errno));
         rc = EXIT_INPUT;
     } else if (!S_ISDIR(in_st.st_mode) && !S_ISREG(in_st.st_mode)) {
-        say("%s is neither a .safetensors file nor a model directory", opt.in);
+        tool_say("%s is neither a .safetensors file nor a model directory", opt.in);
         rc = EXIT_INPUT;
     } else if (lstat(out, &out_st) == 0) {
-        say("%s already exists; refusing to overwrite it (remove it or choose another OUT)", out);
+        tool_say("%s already exists; refusing to overwrite it (remove it or choose another OUT)", out);
         rc = EXIT_OUTPUT;
     } else if (qlora_checkpoint_open(opt.in, &j.ckpt) != QLORA_OK) {
         rc = lib_fail(EXIT_INPUT, "cannot open the input checkpoint");
@@ -1091,7 +1070,7 @@ int main(int argc, char **argv) {
         sigaction(SIGHUP, &sa, NULL);
         rc = S_ISDIR(in_st.st_mode) ? run_directory(&j, out) : run_file(&j, out);
         if (rc == EXIT_INTERRUPTED)
-            say("interrupted; nothing written");
+            tool_say("interrupted; nothing written");
         else if (rc == 0)
             print_summary(&j);
     }
