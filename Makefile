@@ -6,8 +6,8 @@ QLORA_CUDA ?= AUTO
 CMAKE_FLAGS ?=
 
 # Debian packages the build needs (Check + subunit for tests, cJSON, OpenBLAS in its OpenMP
-# build, CMake, a C toolchain).
-DEB_PACKAGES := build-essential cmake pkg-config check libsubunit-dev libcjson-dev libopenblas-openmp-dev
+# build, PCRE2 for the tokenizer, CMake, a C toolchain).
+DEB_PACKAGES := build-essential cmake pkg-config check libsubunit-dev libcjson-dev libopenblas-openmp-dev libpcre2-dev
 
 .PHONY: all deps build test test-asan demo bench gpu-check install clean
 

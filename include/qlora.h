@@ -267,6 +267,13 @@ QLORA_API const char *qlora_quant_type_name(qlora_quant_type type);  /* "nf4" / 
  * holds no storage. */
 QLORA_API qlora_status qlora_quantize(qlora_ctx *ctx, const qlora_tensor *src,
                                       const qlora_quant_params *params, qlora_qtensor *out);
+/* The nested_offset qlora_quantize(ctx, src, params) would store, bit for bit, computed with
+ * one read of src and without quantizing: for writers that must size the quant_state blob
+ * before the data. 0 without double quantization (src is not read then) and for an empty src.
+ * Same argument, device and NaN/Inf checks as qlora_quantize; on failure *offset is 0. On a
+ * CUDA context it quantizes into a temporary on the GPU. */
+QLORA_API qlora_status qlora_quant_offset(qlora_ctx *ctx, const qlora_tensor *src,
+                                          const qlora_quant_params *params, float *offset);
 /* Dequantizes into dst (F32, F16 or BF16, numel == q->numel, same device as q). With double
  * quantization the absmax decode happens in the same pass. */
 QLORA_API qlora_status qlora_dequantize(qlora_ctx *ctx, const qlora_qtensor *q, qlora_tensor *dst);
@@ -333,7 +340,10 @@ QLORA_API int qlora_bnb_is_quantized(const qlora_checkpoint *c, const char *weig
 /* Loads a bitsandbytes 4-bit weight onto the context's device (code books read from the file). */
 QLORA_API qlora_status qlora_bnb_load(qlora_ctx *ctx, const qlora_checkpoint *c, const char *weight_name,
                                       qlora_qtensor *out);
-/* Declares the bitsandbytes key set of q in a writer; then qlora_bnb_write writes it (q on host). */
+/* Declares the bitsandbytes key set of q in a writer; then qlora_bnb_write writes it (q on host).
+ * Declaring reads only q's layout (type, blocksize, double_quant, dtype, ndim, shape, numel,
+ * nblocks, nested_nblocks) and nested_offset, not its storage: a weight can be declared before
+ * it is quantized, its offset from qlora_quant_offset. */
 QLORA_API qlora_status qlora_bnb_declare(qlora_st_writer *w, const char *weight_name, const qlora_qtensor *q);
 QLORA_API qlora_status qlora_bnb_write(qlora_st_writer *w, const char *weight_name, const qlora_qtensor *q);
 
@@ -456,6 +466,52 @@ QLORA_API void qlora_linear_saved_free(qlora_linear_saved *saved);
  * tensors stay available. Rounding to 4 bits makes the merged layer only approximately equal to
  * the layer with the adapter. Any saved activations of this layer are invalid afterwards. */
 QLORA_API qlora_status qlora_linear_merge(qlora_linear *lin, int id, const qlora_quant_params *requant);
+
+/* -------------------------------------------------------------- tokenizer */
+/* A Hugging Face tokenizer.json with a BPE model, as `tokenizers` runs it: byte-level BPE
+ * (GPT-2, Llama 3, SmolLM: Split regex and/or ByteLevel pre-tokenizer, ignore_merges) and the
+ * SentencePiece style of Llama 2 and Mistral (Metaspace, or the legacy Prepend + Replace
+ * normalizer; byte fallback to <0xNN> pieces). Added and special tokens are split out before
+ * normalization (honouring lstrip, rstrip, single_word and normalized); merges may be "a b"
+ * strings or ["a", "b"] pairs. Components the library does not implement (other models such
+ * as WordPiece or Unigram, NFC and other normalizers, BPE dropout, ...) are refused at load
+ * with QLORA_ERR_UNSUPPORTED naming the file and the component, never run differently.
+ * A loaded tokenizer is immutable and may be used from several threads at once. */
+typedef struct qlora_tokenizer qlora_tokenizer;
+
+/* Loads tokenizer.json from `path`. QLORA_ERR_NOT_FOUND / QLORA_ERR_IO when it cannot be read;
+ * QLORA_ERR_FORMAT naming the file and the field when it is malformed (bad JSON, a merge of
+ * tokens missing from the vocab, ...). If tokenizer_config.json lies in the same directory,
+ * its bos_token / eos_token name the BOS / EOS ids (see qlora_tokenizer_bos_id). */
+QLORA_API qlora_status qlora_tokenizer_load(const char *path, qlora_tokenizer **out);
+/* NULL is a no-op. */
+QLORA_API void qlora_tokenizer_free(qlora_tokenizer *tok);
+
+/* Encodes text[len] (UTF-8; invalid UTF-8 is QLORA_ERR_INVALID_ARG, never replaced silently)
+ * like tokenizer.encode(text, add_special_tokens=add_special).ids: add_special != 0 adds what
+ * the post-processor's template puts around the text (BOS, and EOS where the template has it).
+ * Like snprintf: writes the first min(cap, *n) ids to ids[cap] and sets *n to the full count,
+ * so a call with cap 0 (ids may be NULL) sizes the buffer. */
+QLORA_API qlora_status qlora_tokenizer_encode(const qlora_tokenizer *tok, const char *text, size_t len,
+                                              int add_special, int32_t *ids, size_t cap, size_t *n);
+/* Decodes ids[n] like tokenizer.decode(ids, skip_special_tokens=skip_special) into buf[cap],
+ * NUL-terminated and truncated when cap is too small (buf may be NULL when cap is 0); *needed
+ * receives the size of the whole text, NUL included. Byte sequences that are not UTF-8 decode
+ * to U+FFFD as in the reference. An id that is not a token is QLORA_ERR_INVALID_ARG. */
+QLORA_API qlora_status qlora_tokenizer_decode(const qlora_tokenizer *tok, const int32_t *ids, size_t n,
+                                              int skip_special, char *buf, size_t cap, size_t *needed);
+/* 1 + the largest token id (model vocabulary and added tokens): the rows an embedding needs. */
+QLORA_API int32_t qlora_tokenizer_vocab_size(const qlora_tokenizer *tok);
+/* The id of a token spelled exactly `token` (an added token or a vocabulary entry, in the
+ * model's own alphabet, e.g. "<s>", "\xc4\xa0the"), or -1. */
+QLORA_API int32_t qlora_tokenizer_token_id(const qlora_tokenizer *tok, const char *token);
+/* The spelling of token `id` (owned by the tokenizer), or NULL when no token has that id. */
+QLORA_API const char *qlora_tokenizer_token(const qlora_tokenizer *tok, int32_t id);
+/* BOS: the first token the post-processor's template puts before the text, else
+ * tokenizer_config.json's bos_token; EOS: tokenizer_config.json's eos_token, else the last token
+ * the template puts after the text. -1 when there is none. */
+QLORA_API int32_t qlora_tokenizer_bos_id(const qlora_tokenizer *tok);
+QLORA_API int32_t qlora_tokenizer_eos_id(const qlora_tokenizer *tok);
 
 /* ------------------------------------------------- memory accountant report */
 /* The accountant's tables, written like snprintf into buf[cap] (NUL-terminated, truncated when

@@ -43,6 +43,10 @@ int ql_quant4_blocksize_ok(int blocksize);
  * -1 after writing codes[(n+1)/2] and absmax[ceil(n/blocksize)]. */
 int64_t ql_quant4_ref(const void *x, qlora_dtype dtype, int64_t n, int blocksize, qlora_quant_type type,
                       uint8_t *codes, float *absmax);
+/* Only the absmax half of ql_quant4_ref: same return value, writes absmax[ceil(n/blocksize)]. */
+int64_t ql_block_absmax_ref(const void *x, qlora_dtype dtype, int64_t n, int blocksize, float *absmax);
+/* The double quant offset of absmax[nblocks] (the canonical mean above; 0 when nblocks is 0). */
+float ql_absmax_mean_ref(const float *absmax, int64_t nblocks);
 void ql_dequant4_ref(const uint8_t *codes, const float *absmax, const float code[16], int64_t n,
                      int blocksize, void *out, qlora_dtype out_dtype);
 /* Double quantization: returns the offset; writes qabsmax[nblocks], nested[ceil(nblocks/256)]. */
@@ -57,6 +61,9 @@ uint8_t ql_dynamic_map_nearest(const float dyn[256], float x);
 /* --- fast (OpenMP, vectorisable) --- same contracts and bytes; num_threads 0 = OpenMP default */
 int64_t ql_quant4_fast(const void *x, qlora_dtype dtype, int64_t n, int blocksize, qlora_quant_type type,
                        uint8_t *codes, float *absmax, int num_threads);
+int64_t ql_block_absmax_fast(const void *x, qlora_dtype dtype, int64_t n, int blocksize, float *absmax,
+                             int num_threads);
+float ql_absmax_mean_fast(const float *absmax, int64_t nblocks, int num_threads);
 /* Fused: decodes absmax from qabsmax/nested/offset (when qabsmax != NULL) in the same pass. */
 void ql_dequant4_fast(const uint8_t *codes, const float *absmax, const uint8_t *qabsmax, const float *nested,
                       float offset, const float dyn[256], const float code[16], int64_t n, int blocksize,

@@ -101,16 +101,26 @@ QL_INLINE void block_codes(const void *x, qlora_dtype dtype, qlora_quant_type ty
     }
 }
 
+/* max |x| over x[begin, begin + count) into *amax; returns the index of the first non-finite
+ * element (*amax untouched), or -1. */
+QL_INLINE int64_t find_block_absmax(const void *x, qlora_dtype dtype, int64_t begin, int64_t count, float *amax) {
+    uint32_t m = max_magnitude_bits(x, dtype, begin, begin + count);
+    if (m >= infinity_bits(dtype))
+        return first_nonfinite(x, dtype, begin, begin + count);
+    *amax = magnitude_bits_to_f32(m, dtype);
+    return -1;
+}
+
 /* Quantizes block b; returns the index of its first non-finite element, or -1. */
 QL_INLINE int64_t quantize_block(const void *x, qlora_dtype dtype, int64_t n, int blocksize, qlora_quant_type type,
                                  int64_t b, uint8_t *codes, float *absmax) {
     int32_t block[4096];
     int64_t begin = b * blocksize;
     int64_t count = n - begin < blocksize ? n - begin : blocksize;
-    uint32_t m = max_magnitude_bits(x, dtype, begin, begin + count);
-    if (m >= infinity_bits(dtype))
-        return first_nonfinite(x, dtype, begin, begin + count);
-    float amax = magnitude_bits_to_f32(m, dtype);
+    float amax = 0.0f;
+    int64_t bad = find_block_absmax(x, dtype, begin, count, &amax);
+    if (bad >= 0)
+        return bad;
     absmax[b] = amax;
     if (amax > 0.0f)
         block_codes(x, dtype, type, begin, count, 1.0f / amax, block);
@@ -126,7 +136,8 @@ QL_INLINE int64_t quantize_block(const void *x, qlora_dtype dtype, int64_t n, in
 }
 
 /* One copy of quantize_block per (input dtype, code book), each with its inner loops
- * specialised and vectorised; the parallel loop picks one through a pointer. */
+ * specialised and vectorised; the parallel loop picks one through a pointer. The absmax-only
+ * copies share the signature and leave codes alone. */
 typedef int64_t (*quantize_block_fn)(const void *x, int64_t n, int blocksize, int64_t b, uint8_t *codes,
                                      float *absmax);
 /* The quantization loops are compiled for AVX2 and for the baseline. */
@@ -142,6 +153,17 @@ QL_DEFINE_QUANTIZE_BLOCK(quantize_block_f32_fp4, QLORA_F32, QLORA_QUANT_FP4)
 QL_DEFINE_QUANTIZE_BLOCK(quantize_block_f16_fp4, QLORA_F16, QLORA_QUANT_FP4)
 QL_DEFINE_QUANTIZE_BLOCK(quantize_block_bf16_fp4, QLORA_BF16, QLORA_QUANT_FP4)
 
+#define QL_DEFINE_ABSMAX_BLOCK(NAME, DTYPE)                                                                \
+    QL_TARGET_CLONES("avx2", "default")                                                                    \
+    static int64_t NAME(const void *x, int64_t n, int blocksize, int64_t b, uint8_t *codes, float *absmax) { \
+        (void)codes;                                                                                         \
+        int64_t begin = b * blocksize;                                                                       \
+        return find_block_absmax(x, DTYPE, begin, n - begin < blocksize ? n - begin : blocksize, &absmax[b]);     \
+    }
+QL_DEFINE_ABSMAX_BLOCK(absmax_block_f32, QLORA_F32)
+QL_DEFINE_ABSMAX_BLOCK(absmax_block_f16, QLORA_F16)
+QL_DEFINE_ABSMAX_BLOCK(absmax_block_bf16, QLORA_BF16)
+
 static quantize_block_fn pick_quantize_block(qlora_dtype dtype, qlora_quant_type type) {
     int nf4 = type == QLORA_QUANT_NF4;
     if (dtype == QLORA_F32)
@@ -151,9 +173,13 @@ static quantize_block_fn pick_quantize_block(qlora_dtype dtype, qlora_quant_type
     return nf4 ? quantize_block_bf16_nf4 : quantize_block_bf16_fp4;
 }
 
-int64_t ql_quant4_fast(const void *x, qlora_dtype dtype, int64_t n, int blocksize, qlora_quant_type type,
-                       uint8_t *codes, float *absmax, int num_threads) {
-    quantize_block_fn quantize = pick_quantize_block(dtype, type);
+static quantize_block_fn pick_absmax_block(qlora_dtype dtype) {
+    return dtype == QLORA_F32 ? absmax_block_f32 : dtype == QLORA_F16 ? absmax_block_f16 : absmax_block_bf16;
+}
+
+/* Runs per_block over every block in parallel; returns the first non-finite index, or -1. */
+static int64_t for_each_block(quantize_block_fn per_block, const void *x, int64_t n, int blocksize, uint8_t *codes,
+                              float *absmax, int num_threads) {
     int64_t nblocks = (n + blocksize - 1) / blocksize;
     int64_t first_bad = INT64_MAX;
 #pragma omp parallel num_threads(thread_count(num_threads)) if (n >= QL_PARALLEL_MIN_ELEMENTS) \
@@ -165,12 +191,22 @@ int64_t ql_quant4_fast(const void *x, qlora_dtype dtype, int64_t n, int blocksiz
         for (int64_t b = 0; b < nblocks; b++) {
             if (first_bad != INT64_MAX)
                 continue;
-            int64_t bad = quantize(x, n, blocksize, b, codes, absmax);
+            int64_t bad = per_block(x, n, blocksize, b, codes, absmax);
             if (bad >= 0)
                 first_bad = bad;
         }
     }
     return first_bad == INT64_MAX ? -1 : first_bad;
+}
+
+int64_t ql_quant4_fast(const void *x, qlora_dtype dtype, int64_t n, int blocksize, qlora_quant_type type,
+                       uint8_t *codes, float *absmax, int num_threads) {
+    return for_each_block(pick_quantize_block(dtype, type), x, n, blocksize, codes, absmax, num_threads);
+}
+
+int64_t ql_block_absmax_fast(const void *x, qlora_dtype dtype, int64_t n, int blocksize, float *absmax,
+                             int num_threads) {
+    return for_each_block(pick_absmax_block(dtype), x, n, blocksize, NULL, absmax, num_threads);
 }
 
 /* ---- dequantization: per block, the 16 possible outputs, then a table lookup per nibble ---- */
@@ -246,7 +282,9 @@ static inline uint8_t dynamic_map_nearest(const float dyn[256], float x) {
 
 /* The canonical mean (lib/quant4.h): chunk sums in parallel, folded in order. Chunks are done
  * in rounds of a fixed number so the partial sums fit on the stack. */
-static float canonical_mean(const float *absmax, int64_t nblocks, int num_threads) {
+float ql_absmax_mean_fast(const float *absmax, int64_t nblocks, int num_threads) {
+    if (nblocks == 0)
+        return 0.0f;
     enum { ROUND = 256 };
     double sums[ROUND];
     double total = 0.0;
@@ -272,7 +310,7 @@ float ql_double_quant_fast(const float *absmax, int64_t nblocks, const float dyn
                            float *nested, int num_threads) {
     if (nblocks == 0)
         return 0.0f;
-    float offset = canonical_mean(absmax, nblocks, num_threads);
+    float offset = ql_absmax_mean_fast(absmax, nblocks, num_threads);
     int64_t ngroups = (nblocks + QLORA_NESTED_BLOCKSIZE - 1) / QLORA_NESTED_BLOCKSIZE;
 #pragma omp parallel for schedule(static) num_threads(thread_count(num_threads)) if (ngroups > 16)
     for (int64_t g = 0; g < ngroups; g++) {

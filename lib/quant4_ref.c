@@ -49,20 +49,40 @@ static void put_nibble(uint8_t *codes, int64_t i, uint8_t code) {
         codes[i / 2] |= code;
 }
 
+/* max |x| over x[begin, end) into *amax; returns the index of the first non-finite element, or -1. */
+static int64_t block_absmax(const void *x, qlora_dtype dtype, int64_t begin, int64_t end, float *amax) {
+    *amax = 0.0f;
+    for (int64_t i = begin; i < end; i++) {
+        float v = load_f32(x, dtype, i);
+        if (!isfinite(v))
+            return i;
+        if (fabsf(v) > *amax)
+            *amax = fabsf(v);
+    }
+    return -1;
+}
+
+int64_t ql_block_absmax_ref(const void *x, qlora_dtype dtype, int64_t n, int blocksize, float *absmax) {
+    int64_t nblocks = (n + blocksize - 1) / blocksize;
+    for (int64_t b = 0; b < nblocks; b++) {
+        int64_t begin = b * blocksize;
+        int64_t bad = block_absmax(x, dtype, begin, begin + blocksize < n ? begin + blocksize : n, &absmax[b]);
+        if (bad >= 0)
+            return bad;
+    }
+    return -1;
+}
+
 int64_t ql_quant4_ref(const void *x, qlora_dtype dtype, int64_t n, int blocksize, qlora_quant_type type,
                       uint8_t *codes, float *absmax) {
     int64_t nblocks = (n + blocksize - 1) / blocksize;
     for (int64_t b = 0; b < nblocks; b++) {
         int64_t begin = b * blocksize;
         int64_t end = begin + blocksize < n ? begin + blocksize : n;
-        float amax = 0.0f;
-        for (int64_t i = begin; i < end; i++) {
-            float v = load_f32(x, dtype, i);
-            if (!isfinite(v))
-                return i;
-            if (fabsf(v) > amax)
-                amax = fabsf(v);
-        }
+        float amax;
+        int64_t bad = block_absmax(x, dtype, begin, end, &amax);
+        if (bad >= 0)
+            return bad;
         absmax[b] = amax;
         float scale = amax > 0.0f ? 1.0f / amax : 0.0f;
         for (int64_t i = begin; i < end; i++) {
@@ -85,7 +105,9 @@ void ql_dequant4_ref(const uint8_t *codes, const float *absmax, const float code
     }
 }
 
-static float canonical_mean(const float *absmax, int64_t nblocks) {
+float ql_absmax_mean_ref(const float *absmax, int64_t nblocks) {
+    if (nblocks == 0)
+        return 0.0f;
     double total = 0.0;
     for (int64_t chunk = 0; chunk < nblocks; chunk += QL_DQ_SUM_CHUNK) {
         int64_t end = chunk + QL_DQ_SUM_CHUNK < nblocks ? chunk + QL_DQ_SUM_CHUNK : nblocks;
@@ -101,7 +123,7 @@ float ql_double_quant_ref(const float *absmax, int64_t nblocks, const float dyn[
                           float *nested) {
     if (nblocks == 0)
         return 0.0f;
-    float offset = canonical_mean(absmax, nblocks);
+    float offset = ql_absmax_mean_ref(absmax, nblocks);
     for (int64_t g = 0; g * QLORA_NESTED_BLOCKSIZE < nblocks; g++) {
         int64_t begin = g * QLORA_NESTED_BLOCKSIZE;
         int64_t end = begin + QLORA_NESTED_BLOCKSIZE < nblocks ? begin + QLORA_NESTED_BLOCKSIZE : nblocks;

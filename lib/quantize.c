@@ -180,7 +180,7 @@ static qlora_status read_element(qlora_ctx *ctx, const qlora_tensor *t, int64_t 
     return QLORA_OK;
 }
 
-static qlora_status non_finite_error(qlora_ctx *ctx, const qlora_tensor *t, int64_t index) {
+static qlora_status non_finite_error(qlora_ctx *ctx, const char *fn, const qlora_tensor *t, int64_t index) {
     char where[32 + QLORA_MAX_DIMS * 24] = "";
     if (t->ndim == 2) {
         snprintf(where, sizeof where, " (row %lld, col %lld)", (long long)(index / t->shape[1]),
@@ -200,11 +200,25 @@ static qlora_status non_finite_error(qlora_ctx *ctx, const qlora_tensor *t, int6
     const char *what = "NaN or Inf";
     if (read_element(ctx, t, index, &v) == QLORA_OK)
         what = isnan(v) ? "NaN" : v > 0 ? "+Inf" : "-Inf";
-    return ql_fail(QLORA_ERR_NON_FINITE, "qlora_quantize: tensor '%s' has %s at element %lld%s; only finite values "
-                   "can be quantized", ql_tensor_label(t, "(unnamed)"), what, (long long)index, where);
+    return ql_fail(QLORA_ERR_NON_FINITE, "%s: tensor '%s' has %s at element %lld%s; only finite values can be "
+                   "quantized", fn, ql_tensor_label(t, "(unnamed)"), what, (long long)index, where);
 }
 
 /* ---- quantize ---- */
+
+/* Host data straight from a file mapping may be unaligned for its dtype: then *in reads an
+ * aligned copy, *copy, which the caller frees. */
+static qlora_status aligned_input(qlora_ctx *ctx, const qlora_tensor *src, int64_t numel, qlora_tensor *in,
+                                  void **copy) {
+    *in = *src;
+    *copy = NULL;
+    size_t elem = src->dtype == QLORA_F32 ? 4 : 2;
+    if (src->device != QLORA_DEVICE_HOST || numel == 0 || (uintptr_t)src->data % elem == 0)
+        return QLORA_OK;
+    QL_CHECK(qlora_alloc(ctx, (size_t)numel * elem, 0, QLORA_MEM_WORKSPACE, copy));
+    in->data = memcpy(*copy, src->data, (size_t)numel * elem);
+    return QLORA_OK;
+}
 
 /* Runs the kernels; absmax is float32 scratch or q->absmax. Returns the first non-finite index
  * through *bad (-1 if none). */
@@ -251,16 +265,9 @@ qlora_status qlora_quantize(qlora_ctx *ctx, const qlora_tensor *src, const qlora
         return ql_fail(QLORA_ERR_INVALID_ARG, "%s: tensor '%s' has no data", fn, label);
     }
     QL_CHECK(alloc_storage(ctx, out, 1));
-    /* Host data straight from a file mapping may be unaligned for its dtype: read a copy. */
-    qlora_tensor in = *src;
-    void *aligned = NULL;
-    size_t elem = src->dtype == QLORA_F32 ? 4 : 2;
-    qlora_status st = QLORA_OK;
-    if (in.device == QLORA_DEVICE_HOST && out->numel > 0 && (uintptr_t)in.data % elem != 0) {
-        st = qlora_alloc(ctx, (size_t)out->numel * elem, 0, QLORA_MEM_WORKSPACE, &aligned);
-        if (st == QLORA_OK)
-            in.data = memcpy(aligned, src->data, (size_t)out->numel * elem);
-    }
+    qlora_tensor in;
+    void *aligned;
+    qlora_status st = aligned_input(ctx, src, out->numel, &in, &aligned);
     float *absmax = out->absmax;
     if (st == QLORA_OK && out->double_quant) /* the float32 scales live until double-quantized */
         st = qlora_alloc(ctx, (size_t)out->nblocks * sizeof(float), 1, QLORA_MEM_WORKSPACE, (void **)&absmax);
@@ -268,7 +275,7 @@ qlora_status qlora_quantize(qlora_ctx *ctx, const qlora_tensor *src, const qlora
     if (st == QLORA_OK)
         st = run_quantize(ctx, &in, out, absmax, &bad);
     if (st == QLORA_OK && bad >= 0)
-        st = non_finite_error(ctx, &in, bad);
+        st = non_finite_error(ctx, fn, &in, bad);
     if (absmax != out->absmax)
         qlora_free(ctx, absmax);
     qlora_free(ctx, aligned);
@@ -276,6 +283,62 @@ qlora_status qlora_quantize(qlora_ctx *ctx, const qlora_tensor *src, const qlora
         qlora_qtensor_free(ctx, out);
         memset(out, 0, sizeof *out);
     }
+    return st;
+}
+
+/* ---- the double quant offset alone ---- */
+
+qlora_status qlora_quant_offset(qlora_ctx *ctx, const qlora_tensor *src, const qlora_quant_params *params,
+                                float *offset) {
+    static const char fn[] = "qlora_quant_offset";
+    QL_REQUIRE_ARG(ctx != NULL, "ctx");
+    QL_REQUIRE_ARG(src != NULL, "src");
+    QL_REQUIRE_ARG(offset != NULL, "offset");
+    *offset = 0.0f;
+    qlora_quant_params p = params ? *params : qlora_quant_default_params();
+    const char *label = ql_tensor_label(src, "(unnamed)");
+    QL_CHECK(check_device(fn, ctx, label, src->device));
+    qlora_qtensor layout; /* the same checks of dtype, params and shape as qlora_quantize */
+    QL_CHECK(set_layout(fn, &layout, src->name, src->ndim, src->shape, src->dtype, &p, qlora_ctx_device(ctx)));
+    if (layout.numel > 0 && !src->data)
+        return ql_fail(QLORA_ERR_INVALID_ARG, "%s: tensor '%s' has no data", fn, label);
+    if (!p.double_quant || layout.numel == 0) /* qlora_quantize stores 0 then */
+        return QLORA_OK;
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->params.backend == QLORA_BACKEND_CUDA) {
+        /* No absmax-only kernel on the GPU: quantize into a temporary, which costs about one read
+         * of src there, and keep its offset. */
+        qlora_qtensor tmp;
+        QL_CHECK(qlora_quantize(ctx, src, &p, &tmp));
+        *offset = tmp.nested_offset;
+        qlora_qtensor_free(ctx, &tmp);
+        return QLORA_OK;
+    }
+#endif
+    qlora_tensor in;
+    void *aligned;
+    float *absmax = NULL;
+    qlora_status st = aligned_input(ctx, src, layout.numel, &in, &aligned);
+    if (st == QLORA_OK)
+        st = qlora_alloc(ctx, (size_t)layout.nblocks * sizeof(float), 1, QLORA_MEM_WORKSPACE, (void **)&absmax);
+    if (st == QLORA_OK) {
+        int64_t bad;
+        float mean;
+        if (ctx->params.cpu_kernels == QLORA_CPU_REFERENCE) {
+            bad = ql_block_absmax_ref(in.data, in.dtype, layout.numel, p.blocksize, absmax);
+            mean = bad < 0 ? ql_absmax_mean_ref(absmax, layout.nblocks) : 0.0f;
+        } else {
+            int threads = ctx->params.num_threads;
+            bad = ql_block_absmax_fast(in.data, in.dtype, layout.numel, p.blocksize, absmax, threads);
+            mean = bad < 0 ? ql_absmax_mean_fast(absmax, layout.nblocks, threads) : 0.0f;
+        }
+        if (bad >= 0)
+            st = non_finite_error(ctx, fn, &in, bad);
+        else
+            *offset = mean;
+    }
+    qlora_free(ctx, absmax);
+    qlora_free(ctx, aligned);
     return st;
 }
 

@@ -119,6 +119,35 @@ printf '{"hidden_size": 4096,' >"$work/model/config.json"
 expect_exit 2 "not valid JSON" "$mem" --model "$work/model"
 expect_exit 2 "cannot read" "$mem" --model "$work/missing"
 
+# ---------------------------------------------------------------- a small model: smaller units
+# make-example-model's dimensions: about 20 MB in all, so every amount reads in MB or kB.
+mkdir "$work/small"
+cat >"$work/small/config.json" <<'EOF'
+{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+ "intermediate_size": 688, "num_hidden_layers": 2, "num_attention_heads": 4,
+ "num_key_value_heads": 4, "vocab_size": 512}
+EOF
+"$mem" --model "$work/small" --svg "$work/small.svg" >"$work/small.txt" || fail "small model exited $?"
+! grep -qE '[0-9]\.[0-9]+ GB' "$work/small.txt" ||
+    fail "small model shown in GB: $(grep -E '[0-9]\.[0-9]+ GB' "$work/small.txt")"
+total_row=$(grep -E '^total ' "$work/small.txt")
+[[ "$total_row" =~ ^total\ +([0-9]+\.[0-9]{2})\ MB\ +[0-9.]+\ MB\ +([0-9]+\.[0-9]{2})\ MB$ ]] ||
+    fail "small model's total row is not in MB: '$total_row'"
+full_mb=${BASH_REMATCH[1]} qlora_mb=${BASH_REMATCH[2]}
+awk -v a="$full_mb" -v b="$qlora_mb" 'BEGIN { exit !(a >= 1 && a < 1000 && b >= 1 && b < a) }' ||
+    fail "small model's totals out of range: '$total_row'"
+# the table shows the JSON's exact bytes in MB
+"$mem" --model "$work/small" --json >"$work/small.json"
+json_total=$(json_member "$work/small.json" qlora total)
+awk -v t="$json_total" -v b="$qlora_mb" 'BEGIN { exit !(sprintf("%.2f", t / 1e6) == b) }' ||
+    fail "QLoRA total $json_total bytes shown as $qlora_mb MB"
+grep -qE '^QLoRA weights: [1-9][0-9.]* kB NF4 codes \+ [0-9.]+ kB quantization state' "$work/small.txt" ||
+    fail "small model's QLoRA weights line not in kB: $(grep '^QLoRA weights' "$work/small.txt")"
+for word in "MB (10^6 bytes)" "component (MB)"; do
+    grep -qF -- "$word" "$work/small.svg" || fail "small model's SVG lacks '$word'"
+done
+! grep -qE '[0-9]\.[0-9]+ GB' "$work/small.svg" || fail "small model's SVG shows GB"
+
 # ---------------------------------------------------------------- failures
 expect_exit 2 "unknown model preset 'llama-8b' (valid: llama-7b," "$mem" --preset llama-8b
 grep -qF "qwen2.5-7b" "$work/err.txt" || fail "unknown preset does not list the valid ones"

@@ -983,6 +983,154 @@ START_TEST(qtensor_alloc_copy_and_empty_tensors) {
 }
 END_TEST
 
+/* ------------------------------------------------- the offset alone */
+
+/* qlora_quant_offset(src) against the nested_offset qlora_quantize stores, both on ctx. */
+static void assert_offset_matches_quantize(qlora_ctx *ctx, const char *backend, const void *x, qlora_dtype dtype,
+                                           int64_t n, const qlora_quant_params *p) {
+    int64_t shape[1] = {n};
+    qlora_tensor src = tu_device_tensor(ctx, "w", dtype, 1, shape, x);
+    qlora_qtensor q;
+    ck_assert_qlora_ok(qlora_quantize(ctx, &src, p, &q));
+    float offset = -1.0f;
+    ck_assert_qlora_ok(qlora_quant_offset(ctx, &src, p, &offset));
+    ck_assert_msg(f_bits(offset) == f_bits(q.nested_offset), "%s n=%lld %s %s bs=%d dq=%d: offset %a, quantize %a",
+                  backend, (long long)n, qlora_dtype_name(dtype), qlora_quant_type_name(p->type), p->blocksize,
+                  p->double_quant, (double)offset, (double)q.nested_offset);
+    if (!p->double_quant || n == 0)
+        ck_assert_uint_eq(f_bits(offset), 0);
+    qlora_qtensor_free(ctx, &q);
+    qlora_tensor_free(ctx, &src);
+}
+
+START_TEST(quant_offset_equals_the_stored_offset) {
+    /* 600007 elements at blocksize 32..128 span several QL_DQ_SUM_CHUNK chunks of block sums. */
+    static const int64_t sizes[] = {0, 1, 63, 16389, 600007};
+    static const int blocksizes[] = {32, 64, 128, 4096};
+    tu_backend bs[4];
+    int nb = tu_backends(bs);
+    tu_rng rng;
+    tu_rng_init(&rng, tu_seed());
+    for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
+        float *x32 = random_data(&rng, sizes[s]);
+        float scale = (float)(0.01 + tu_uniform(&rng) * 100.0); /* offsets of any magnitude */
+        for (int64_t i = 0; i < sizes[s]; i++)
+            x32[i] *= scale;
+        for (int d = 0; d < 3; d++) {
+            void *x = tu_to_dtype(x32, sizes[s], float_dtypes[d]);
+            for (int b = 0; b < nb; b++) {
+                qlora_ctx *ctx = tu_ctx(&bs[b]);
+                for (int k = 0; k < 4; k++) {
+                    qlora_quant_params p = {(qlora_quant_type)((k + d) % 2), blocksizes[(s + k) % 4], k != 3};
+                    assert_offset_matches_quantize(ctx, bs[b].name, x, float_dtypes[d], sizes[s], &p);
+                }
+                assert_no_live_memory(ctx);
+                qlora_ctx_free(ctx);
+            }
+            free(x);
+        }
+        free(x32);
+    }
+}
+END_TEST
+
+START_TEST(quant_offset_checks_its_arguments) {
+    tu_backend bs[4];
+    int nb = tu_backends(bs);
+    tu_rng rng;
+    tu_rng_init(&rng, tu_seed());
+    enum { R = 37, C = 50 };
+    float x[R * C];
+    tu_fill_normal(&rng, x, R * C, 1.0f);
+    int64_t shape[2] = {R, C};
+    for (int b = 0; b < nb; b++) {
+        qlora_ctx *ctx = tu_ctx(&bs[b]);
+        qlora_tensor t = tu_device_tensor(ctx, "layers.1.w", QLORA_F32, 2, shape, x);
+        qlora_quant_params p = qlora_quant_default_params();
+        float offset = 5.0f;
+        ck_assert_qlora_fails(qlora_quant_offset(NULL, &t, &p, &offset), QLORA_ERR_INVALID_ARG, "ctx");
+        ck_assert_qlora_fails(qlora_quant_offset(ctx, NULL, &p, &offset), QLORA_ERR_INVALID_ARG, "src");
+        ck_assert_qlora_fails(qlora_quant_offset(ctx, &t, &p, NULL), QLORA_ERR_INVALID_ARG, "offset");
+        qlora_tensor bad = t;
+        bad.dtype = QLORA_I32;
+        ck_assert_qlora_fails(qlora_quant_offset(ctx, &bad, &p, &offset), QLORA_ERR_DTYPE, "'layers.1.w' is I32");
+        ck_assert_uint_eq(f_bits(offset), 0); /* cleared on failure */
+        bad = t;
+        bad.data = NULL;
+        ck_assert_qlora_fails(qlora_quant_offset(ctx, &bad, &p, &offset), QLORA_ERR_INVALID_ARG, "has no data");
+        bad = t;
+        bad.device = t.device == QLORA_DEVICE_HOST ? 0 : QLORA_DEVICE_HOST;
+        ck_assert_qlora_fails(qlora_quant_offset(ctx, &bad, &p, &offset), QLORA_ERR_DEVICE, "'layers.1.w'");
+        qlora_quant_params badp = p;
+        badp.blocksize = 48;
+        ck_assert_qlora_fails(qlora_quant_offset(ctx, &t, &badp, &offset), QLORA_ERR_INVALID_ARG, "blocksize 48");
+        badp = p;
+        badp.type = (qlora_quant_type)7;
+        ck_assert_qlora_fails(qlora_quant_offset(ctx, &t, &badp, &offset), QLORA_ERR_INVALID_ARG, "quant type");
+        badp = p;
+        badp.double_quant = 2;
+        ck_assert_qlora_fails(qlora_quant_offset(ctx, &t, &badp, &offset), QLORA_ERR_INVALID_ARG, "double_quant");
+        /* NULL params: the defaults (double quant), as qlora_quantize */
+        qlora_qtensor q;
+        ck_assert_qlora_ok(qlora_quantize(ctx, &t, NULL, &q));
+        ck_assert_qlora_ok(qlora_quant_offset(ctx, &t, NULL, &offset));
+        ck_assert_uint_eq(f_bits(offset), f_bits(q.nested_offset));
+        ck_assert(offset > 0.0f);
+        qlora_qtensor_free(ctx, &q);
+        qlora_tensor_free(ctx, &t);
+
+        /* NaN/Inf: the first one named as qlora_quantize names it, every dtype */
+        static const struct {
+            qlora_dtype dtype;
+            float value;
+            const char *word;
+        } cases[3] = {{QLORA_F32, INFINITY, "+Inf"}, {QLORA_F16, NAN, "NaN"}, {QLORA_BF16, -INFINITY, "-Inf"}};
+        for (int c = 0; c < 3; c++) {
+            void *y = tu_to_dtype(x, R * C, cases[c].dtype);
+            put_value(y, cases[c].dtype, 11 * C + 3, cases[c].value);
+            put_value(y, cases[c].dtype, 30 * C + 1, NAN);
+            qlora_tensor nf = tu_device_tensor(ctx, "layers.2.w", cases[c].dtype, 2, shape, y);
+            offset = 5.0f;
+            ck_assert_qlora_fails(qlora_quant_offset(ctx, &nf, NULL, &offset), QLORA_ERR_NON_FINITE,
+                                  "qlora_quant_offset: tensor 'layers.2.w'");
+            const char *msg = qlora_last_error();
+            ck_assert_msg(strstr(msg, cases[c].word) && strstr(msg, "element 553") && strstr(msg, "row 11, col 3"),
+                          "%s: %s", bs[b].name, msg);
+            ck_assert_uint_eq(f_bits(offset), 0);
+            /* without double quant there is no offset and src is not read */
+            p.double_quant = 0;
+            ck_assert_qlora_ok(qlora_quant_offset(ctx, &nf, &p, &offset));
+            ck_assert_uint_eq(f_bits(offset), 0);
+            p.double_quant = 1;
+            qlora_tensor_free(ctx, &nf);
+            free(y);
+        }
+        assert_no_live_memory(ctx);
+        qlora_ctx_free(ctx);
+    }
+
+    /* Unaligned host data (a file mapping may give it): the offset of the aligned data. */
+    for (int b = 0; b < nb; b++) {
+        if (bs[b].params.backend == QLORA_BACKEND_CUDA)
+            continue;
+        qlora_ctx *ctx = tu_ctx(&bs[b]);
+        unsigned char *raw = malloc(sizeof x + 8);
+        ck_assert_ptr_nonnull(raw);
+        memcpy(raw + 2, x, sizeof x);
+        qlora_tensor aligned, unaligned;
+        ck_assert_qlora_ok(qlora_tensor_init(&aligned, "w", QLORA_F32, 2, shape, x, QLORA_DEVICE_HOST));
+        ck_assert_qlora_ok(qlora_tensor_init(&unaligned, "w", QLORA_F32, 2, shape, raw + 2, QLORA_DEVICE_HOST));
+        float want, got;
+        ck_assert_qlora_ok(qlora_quant_offset(ctx, &aligned, NULL, &want));
+        ck_assert_qlora_ok(qlora_quant_offset(ctx, &unaligned, NULL, &got));
+        ck_assert_uint_eq(f_bits(got), f_bits(want));
+        free(raw);
+        assert_no_live_memory(ctx);
+        qlora_ctx_free(ctx);
+    }
+}
+END_TEST
+
 START_TEST(cuda_context_rejects_host_tensors) {
     if (!tu_have_gpu())
         return;
@@ -1031,6 +1179,8 @@ int main(void) {
     tcase_add_test(api, arguments_are_checked_with_clear_errors);
     tcase_add_test(api, qtensor_alloc_copy_and_empty_tensors);
     tcase_add_test(api, cuda_context_rejects_host_tensors);
+    tcase_add_test(api, quant_offset_equals_the_stored_offset);
+    tcase_add_test(api, quant_offset_checks_its_arguments);
     suite_add_tcase(s, api);
     return tu_run_suite(s);
 }

@@ -2,7 +2,9 @@
  * qlora-mem: where the memory of finetuning a Llama-family model goes, before running it.
  * Prints the analytic estimate (qlora_mem_estimate, formulas in docs/memory.md) for 16-bit
  * full finetuning, 16-bit LoRA and QLoRA side by side, as text, one JSON object, or a stacked
- * bar chart in SVG; --fit answers which training settings fit a GPU. Public libqlora API only.
+ * bar chart in SVG; --fit answers which training settings fit a GPU. Amounts print in decimal
+ * GB, MB or kB, one unit per table picked from its largest amount; --json stays in exact bytes.
+ * Public libqlora API only.
  */
 #include <qlora.h>
 
@@ -82,7 +84,9 @@ static void usage(FILE *to) {
             "  --help, --version\n"
             "\n"
             "Optimizer: AdamW with FP32 moments (8 bytes per trainable parameter); LoRA weights and\n"
-            "all gradients in BF16; no FP32 master weights. GB = 10^9 bytes. Formulas: docs/memory.md.\n"
+            "all gradients in BF16; no FP32 master weights. Amounts in GB = 10^9 bytes, or MB = 10^6\n"
+            "or kB = 10^3 for a small model (one unit per table, from its largest amount). Formulas:\n"
+            "docs/memory.md.\n"
             "\n"
             "Exit codes: 0 success; 1 bad usage; 2 bad input (unknown preset, unreadable or malformed\n"
             "config.json, settings out of range); 3 the SVG file cannot be written.\n");
@@ -233,6 +237,26 @@ static int estimate_all(const qlora_model_config *cfg, const qlora_train_setting
 
 static double gb(uint64_t bytes) { return (double)bytes / 1e9; }
 
+/* A decimal unit for a group of amounts shown together, picked from the largest so that it
+ * reads as at least 1 (a small model shows MB or kB instead of rows of "0.00 GB"). */
+typedef struct unit {
+    const char *name;  /* "GB", "MB", "kB" */
+    double bytes;      /* 1e9, 1e6, 1e3 */
+    int exponent;      /* 9, 6, 3 */
+} unit;
+
+static unit unit_for(uint64_t largest) {
+    if (largest >= 1000000000ULL)
+        return (unit){"GB", 1e9, 9};
+    if (largest >= 1000000ULL)
+        return (unit){"MB", 1e6, 6};
+    return (unit){"kB", 1e3, 3};
+}
+
+static uint64_t max_u64(uint64_t a, uint64_t b) { return a > b ? a : b; }
+
+static double in_unit(uint64_t bytes, unit u) { return (double)bytes / u.bytes; }
+
 static double savings(const estimates *e) {
     return e->r[2].total ? (double)e->r[0].total / (double)e->r[2].total : 0.0;
 }
@@ -264,6 +288,8 @@ static void print_table(const options *o, const estimates *e) {
            s->seq_len, s->micro_batch, s->lora_rank, targets_name(s->targets), lora,
            100.0 * (double)e->r[2].params_trainable / (double)e->r[2].params_total,
            s->grad_checkpointing ? "on" : "off");
+    /* One unit per table or sentence, from its largest amount. */
+    unit tu = unit_for(max_u64(max_u64(e->r[0].total, e->r[1].total), e->r[2].total));
     printf("%-14s", "");
     for (int i = 0; i < 3; i++)
         printf(" %21s", REGIME_TITLES[i]);
@@ -271,23 +297,28 @@ static void print_table(const options *o, const estimates *e) {
     for (int c = 0; c <= NCOMP; c++) {
         printf("%-14s", c < NCOMP ? COMP_NAMES[c] : "total");
         for (int i = 0; i < 3; i++)
-            printf(" %18.2f GB", gb(c < NCOMP ? component(&e->r[i], c) : e->r[i].total));
+            printf(" %18.2f %s", in_unit(c < NCOMP ? component(&e->r[i], c) : e->r[i].total, tu), tu.name);
         printf("\n");
     }
     const qlora_mem_estimate_result *q = &e->r[2];
-    printf("\nQLoRA weights: %.2f GB NF4 codes + %.2f GB quantization state (%.3f bits per linear parameter)\n"
-           "               + %.2f GB BF16 embeddings, lm_head, norms and biases\n",
-           gb(q->bytes[QLORA_MEM_BASE_WEIGHTS]), gb(q->bytes[QLORA_MEM_QUANT_STATE]),
-           8.0 * (double)(q->bytes[QLORA_MEM_BASE_WEIGHTS] + q->bytes[QLORA_MEM_QUANT_STATE]) /
-               (double)q->params_linear,
-           gb(q->bytes[QLORA_MEM_DENSE_WEIGHTS]));
-    printf("QLoRA activations: %.2f GB saved for backward + %.2f GB layer checkpoints + %.2f GB workspace\n"
+    const uint64_t *qb = q->bytes;
+    unit wu = unit_for(max_u64(max_u64(qb[QLORA_MEM_BASE_WEIGHTS], qb[QLORA_MEM_QUANT_STATE]),
+                               qb[QLORA_MEM_DENSE_WEIGHTS]));
+    printf("\nQLoRA weights: %.2f %s NF4 codes + %.2f %s quantization state (%.3f bits per linear parameter)\n"
+           "               + %.2f %s BF16 embeddings, lm_head, norms and biases\n",
+           in_unit(qb[QLORA_MEM_BASE_WEIGHTS], wu), wu.name, in_unit(qb[QLORA_MEM_QUANT_STATE], wu), wu.name,
+           8.0 * (double)(qb[QLORA_MEM_BASE_WEIGHTS] + qb[QLORA_MEM_QUANT_STATE]) / (double)q->params_linear,
+           in_unit(qb[QLORA_MEM_DENSE_WEIGHTS], wu), wu.name);
+    unit au = unit_for(max_u64(max_u64(qb[QLORA_MEM_ACTIVATIONS], qb[QLORA_MEM_CHECKPOINTS]),
+                               qb[QLORA_MEM_WORKSPACE]));
+    printf("QLoRA activations: %.2f %s saved for backward + %.2f %s layer checkpoints + %.2f %s workspace\n"
            "               (logits and loss, backward gradients, one dequantized weight)\n",
-           gb(q->bytes[QLORA_MEM_ACTIVATIONS]), gb(q->bytes[QLORA_MEM_CHECKPOINTS]),
-           gb(q->bytes[QLORA_MEM_WORKSPACE]));
-    printf("\nQLoRA needs %.1fx less memory than 16-bit full finetuning (%.2f GB -> %.2f GB).\n", savings(e),
-           gb(e->r[0].total), gb(q->total));
-    printf("GB = 10^9 bytes. Not included: the CUDA context and library workspaces (about 1 GB).\n");
+           in_unit(qb[QLORA_MEM_ACTIVATIONS], au), au.name, in_unit(qb[QLORA_MEM_CHECKPOINTS], au), au.name,
+           in_unit(qb[QLORA_MEM_WORKSPACE], au), au.name);
+    printf("\nQLoRA needs %.1fx less memory than 16-bit full finetuning (%.2f %s -> %.2f %s).\n", savings(e),
+           in_unit(e->r[0].total, tu), tu.name, in_unit(q->total, tu), tu.name);
+    printf("Decimal units: kB = 10^3, MB = 10^6, GB = 10^9 bytes. Not included: the CUDA context and library\n"
+           "workspaces (about 1 GB).\n");
 }
 
 /* ------------------------------------------------------------------ --fit */
@@ -438,21 +469,24 @@ static double axis_step(double top) {
     return (m <= 1.0 ? 1.0 : m <= 2.0 ? 2.0 : m <= 5.0 ? 5.0 : 10.0) * p;
 }
 
-static void format_gb(double v, char *out, size_t cap) {
-    snprintf(out, cap, v >= 100 ? "%.0f GB" : v >= 10 ? "%.1f GB" : "%.2f GB", v);
+/* v in unit u, with three significant digits or more: "81.2 GB", "6.22 MB". */
+static void format_amount(double v, unit u, char *out, size_t cap) {
+    snprintf(out, cap, v >= 100 ? "%.0f %s" : v >= 10 ? "%.1f %s" : "%.2f %s", v, u.name);
 }
 
 /* Stacked bars (left), one per regime, with the total above each; under them a table of
- * every component's GB whose colour swatches are the legend. */
+ * every component's amount whose colour swatches are the legend. One unit for the whole
+ * chart, from its largest amount (the GPU line included). */
 static void build_svg(const options *o, const estimates *e, tool_strbuf *b) {
     const qlora_train_settings *s = &o->settings;
     const double width = 820, plot_x = 90, plot_y = 110, plot_w = 600, plot_h = 330;
     const double table_y = plot_y + plot_h + 60, row_h = 22, height = table_y + row_h * (NCOMP + 2) + 30;
-    double top = gb(e->r[0].total);
-    for (int i = 1; i < 3; i++)
-        top = fmax(top, gb(e->r[i].total));
+    uint64_t largest = max_u64(max_u64(e->r[0].total, e->r[1].total), e->r[2].total);
+    const uint64_t fit_bytes = (uint64_t)(o->fit_gb * 1e9);
+    unit u = unit_for(max_u64(largest, fit_bytes));
+    double top = in_unit(largest, u);
     if (o->fit_gb > 0)
-        top = fmax(top, o->fit_gb);
+        top = fmax(top, in_unit(fit_bytes, u));
     double step = axis_step(top);
     double axis_top = ceil(top / step) * step;
     if (axis_top < top * 1.08)
@@ -477,7 +511,7 @@ static void build_svg(const options *o, const estimates *e, tool_strbuf *b) {
                   "less memory than 16-bit full finetuning</text>\n",
                savings(e));
 
-    /* gridlines and the GB axis */
+    /* gridlines and the axis, in u */
     for (int k = 0; k * step <= axis_top * 1.0001; k++) {
         double v = k * step, y = plot_y + plot_h - v * scale;
         svg_printf(b, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#dddddd\"/>\n", plot_x, y,
@@ -486,14 +520,14 @@ static void build_svg(const options *o, const estimates *e, tool_strbuf *b) {
                    plot_x - 8, y + 4, v);
     }
     svg_printf(b, "<text x=\"24\" y=\"%.1f\" font-size=\"13\" fill=\"#444\" transform=\"rotate(-90 24 %.1f)\" "
-                  "text-anchor=\"middle\">GB (10^9 bytes)</text>\n",
-               plot_y + plot_h / 2, plot_y + plot_h / 2);
+                  "text-anchor=\"middle\">%s (10^%d bytes)</text>\n",
+               plot_y + plot_h / 2, plot_y + plot_h / 2, u.name, u.exponent);
     svg_printf(b, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#333\"/>\n", plot_x, plot_y + plot_h,
                plot_x + plot_w, plot_y + plot_h);
 
     /* the GPU line first: bars drawn over it keep their labels readable */
     if (o->fit_gb > 0) {
-        double y = plot_y + plot_h - o->fit_gb * scale;
+        double y = plot_y + plot_h - in_unit(fit_bytes, u) * scale;
         svg_printf(b, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#222\" stroke-width=\"1.5\" "
                       "stroke-dasharray=\"6 4\"/>\n",
                    plot_x, y, plot_x + plot_w, y);
@@ -504,23 +538,23 @@ static void build_svg(const options *o, const estimates *e, tool_strbuf *b) {
     for (int i = 0; i < 3; i++) {
         double x = plot_x + slot * i + (slot - bar_w) / 2, y = plot_y + plot_h;
         for (int c = 0; c < NCOMP; c++) {
-            double v = gb(component(&e->r[i], c)), h = v * scale;
+            double v = in_unit(component(&e->r[i], c), u), h = v * scale;
             if (h <= 0)
                 continue;
             y -= h;
             svg_printf(b, "<rect x=\"%.1f\" y=\"%.2f\" width=\"%.1f\" height=\"%.2f\" fill=\"%s\"><title>%s: %.2f "
-                          "GB</title></rect>\n",
-                       x, y, bar_w, h, COMP_COLOURS[c], COMP_LABELS[c], v);
+                          "%s</title></rect>\n",
+                       x, y, bar_w, h, COMP_COLOURS[c], COMP_LABELS[c], v, u.name);
             if (h >= 16) {
                 char label[32];
-                format_gb(v, label, sizeof label);
+                format_amount(v, u, label, sizeof label);
                 svg_printf(b, "<text x=\"%.1f\" y=\"%.1f\" font-size=\"12\" text-anchor=\"middle\" fill=\"#ffffff\">"
                               "%s</text>\n",
                            x + bar_w / 2, y + h / 2 + 4, label);
             }
         }
         char total[32];
-        format_gb(gb(e->r[i].total), total, sizeof total);
+        format_amount(in_unit(e->r[i].total, u), u, total, sizeof total);
         svg_printf(b, "<text x=\"%.1f\" y=\"%.1f\" font-size=\"14\" font-weight=\"bold\" text-anchor=\"middle\">"
                       "%s</text>\n",
                    x + bar_w / 2, y - 7, total);
@@ -530,8 +564,8 @@ static void build_svg(const options *o, const estimates *e, tool_strbuf *b) {
 
     /* the table: one row per component, the swatch is the legend */
     const double col_x[4] = {40, 330, 490, 650};
-    svg_printf(b, "<text x=\"%.1f\" y=\"%.1f\" font-size=\"13\" font-weight=\"bold\">component (GB)</text>\n",
-               col_x[0], table_y);
+    svg_printf(b, "<text x=\"%.1f\" y=\"%.1f\" font-size=\"13\" font-weight=\"bold\">component (%s)</text>\n",
+               col_x[0], table_y, u.name);
     for (int i = 0; i < 3; i++)
         svg_printf(b, "<text x=\"%.1f\" y=\"%.1f\" font-size=\"13\" font-weight=\"bold\" text-anchor=\"end\">%s"
                       "</text>\n",
@@ -548,7 +582,7 @@ static void build_svg(const options *o, const estimates *e, tool_strbuf *b) {
         for (int i = 0; i < 3; i++)
             svg_printf(b, "<text x=\"%.1f\" y=\"%.1f\" font-size=\"13\" text-anchor=\"end\"%s>%.2f</text>\n",
                        col_x[i + 1] + 120, y, c < 0 ? " font-weight=\"bold\"" : "",
-                       gb(c >= 0 ? component(&e->r[i], c) : e->r[i].total));
+                       in_unit(c >= 0 ? component(&e->r[i], c) : e->r[i].total, u));
     }
     tool_strbuf_puts(b, "</svg>\n");
 }

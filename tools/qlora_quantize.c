@@ -730,8 +730,9 @@ static int measure_error(job *j, const char *name, const qlora_tensor *t, const 
     return 0;
 }
 
-/* What qlora_bnb_declare needs of a weight that is not quantized yet: its shape and block
- * counts (enough without double quant, where no declared size depends on the data). */
+/* What qlora_bnb_declare reads of a weight that is not quantized yet: its shape, block counts
+ * and nested_offset (set by the caller: with double quant the quant_state blob's length
+ * depends on it). */
 static void describe_qtensor(const qlora_tensor *t, const qlora_quant_params *p, qlora_qtensor *q) {
     memset(q, 0, sizeof *q);
     q->type = p->type;
@@ -742,12 +743,13 @@ static void describe_qtensor(const qlora_tensor *t, const qlora_quant_params *p,
     memcpy(q->shape, t->shape, sizeof q->shape);
     q->numel = qlora_tensor_numel(t);
     q->nblocks = (q->numel + p->blocksize - 1) / p->blocksize;
+    q->nested_nblocks = p->double_quant ? (q->nblocks + QLORA_NESTED_BLOCKSIZE - 1) / QLORA_NESTED_BLOCKSIZE : 0;
     q->device = QLORA_DEVICE_HOST;
 }
 
 /* Pass 1: declares every output tensor. With double quant the length of a weight's
- * quant_state blob depends on its data (it holds nested_offset as text), so the weight is
- * quantized here too and freed; pass 2 quantizes it again (deterministic: same bytes). */
+ * quant_state blob depends on its data (it holds nested_offset as text): qlora_quant_offset
+ * reads the weight once for the offset pass 2's qlora_quantize will store, without quantizing. */
 static int declare_all(job *j, qlora_st_writer *w) {
     for (size_t i = 0; i < j->count; i++) {
         const plan_item *it = &j->items[i];
@@ -764,21 +766,19 @@ static int declare_all(job *j, qlora_st_writer *w) {
             if (qlora_st_writer_declare(w, it->name, t.dtype, t.ndim, t.shape) != QLORA_OK)
                 return lib_fail(EXIT_OUTPUT, it->name);
             break;
-        case ACT_QUANTIZE:
-            if (!j->opt->quant.double_quant) {
-                describe_qtensor(&t, &j->opt->quant, &q);
-                if (qlora_bnb_declare(w, it->name, &q) != QLORA_OK)
-                    return lib_fail(EXIT_OUTPUT, it->name);
-                break;
+        case ACT_QUANTIZE: {
+            describe_qtensor(&t, &j->opt->quant, &q);
+            if (j->opt->quant.double_quant) {
+                if (j->tty) /* a plain log gets one line per tensor, in pass 2 */
+                    progress(j, i, "scan", it->name);
+                qlora_status s = qlora_quant_offset(j->ctx, &t, &j->opt->quant, &q.nested_offset);
+                if (s != QLORA_OK)
+                    return lib_fail(s == QLORA_ERR_OUT_OF_MEMORY ? EXIT_OUTPUT : EXIT_INPUT, it->name);
             }
-            if (j->tty) /* a plain log gets one line per tensor, in pass 2 */
-                progress(j, i, "scan", it->name);
-            memset(&q, 0, sizeof q);
-            rc = quantize_one(j, it->name, &t, &q);
-            if (rc == 0 && qlora_bnb_declare(w, it->name, &q) != QLORA_OK)
-                rc = lib_fail(EXIT_OUTPUT, it->name);
-            qlora_qtensor_free(j->ctx, &q);
+            if (qlora_bnb_declare(w, it->name, &q) != QLORA_OK)
+                return lib_fail(EXIT_OUTPUT, it->name);
             break;
+        }
         case ACT_DEQUANTIZE:
             memset(&q, 0, sizeof q);
             if (qlora_bnb_load(j->ctx, j->ckpt, it->name, &q) != QLORA_OK)
