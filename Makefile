@@ -6,8 +6,9 @@ QLORA_CUDA ?= AUTO
 CMAKE_FLAGS ?=
 
 # Debian packages the build needs (Check + subunit for tests, cJSON, OpenBLAS in its OpenMP
-# build, PCRE2 for the tokenizer, CMake, a C toolchain).
-DEB_PACKAGES := build-essential cmake pkg-config check libsubunit-dev libcjson-dev libopenblas-openmp-dev libpcre2-dev
+# build, PCRE2 and utf8proc for the tokenizer, CMake, a C toolchain).
+DEB_PACKAGES := build-essential cmake pkg-config check libsubunit-dev libcjson-dev libopenblas-openmp-dev libpcre2-dev \
+                libutf8proc-dev
 
 .PHONY: all deps build test test-asan demo bench gpu-check install clean
 

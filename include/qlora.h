@@ -469,13 +469,15 @@ QLORA_API qlora_status qlora_linear_merge(qlora_linear *lin, int id, const qlora
 
 /* -------------------------------------------------------------- tokenizer */
 /* A Hugging Face tokenizer.json with a BPE model, as `tokenizers` runs it: byte-level BPE
- * (GPT-2, Llama 3, SmolLM: Split regex and/or ByteLevel pre-tokenizer, ignore_merges) and the
- * SentencePiece style of Llama 2 and Mistral (Metaspace, or the legacy Prepend + Replace
- * normalizer; byte fallback to <0xNN> pieces). Added and special tokens are split out before
- * normalization (honouring lstrip, rstrip, single_word and normalized); merges may be "a b"
- * strings or ["a", "b"] pairs. Components the library does not implement (other models such
- * as WordPiece or Unigram, NFC and other normalizers, BPE dropout, ...) are refused at load
- * with QLORA_ERR_UNSUPPORTED naming the file and the component, never run differently.
+ * (GPT-2, Llama 3, SmolLM, Qwen2: Split regex and/or ByteLevel pre-tokenizer, ignore_merges,
+ * NFC) and the SentencePiece style of Llama 2 and Mistral (Metaspace, or the legacy Prepend +
+ * Replace normalizer; byte fallback to <0xNN> pieces). Normalizers: Prepend, Replace, NFC, NFD,
+ * NFKC, NFKD (through utf8proc; its Unicode tables are newer than those of `tokenizers`, so
+ * characters assigned since can normalize differently). Added and special tokens are split
+ * out before normalization (honouring lstrip, rstrip, single_word and normalized); merges may
+ * be "a b" strings or ["a", "b"] pairs. Components the library does not implement (other models
+ * such as WordPiece or Unigram, other normalizers, BPE dropout, ...) are refused at load with
+ * QLORA_ERR_UNSUPPORTED naming the file and the component, never run differently.
  * A loaded tokenizer is immutable and may be used from several threads at once. */
 typedef struct qlora_tokenizer qlora_tokenizer;
 
@@ -505,7 +507,8 @@ QLORA_API int32_t qlora_tokenizer_vocab_size(const qlora_tokenizer *tok);
 /* The id of a token spelled exactly `token` (an added token or a vocabulary entry, in the
  * model's own alphabet, e.g. "<s>", "\xc4\xa0the"), or -1. */
 QLORA_API int32_t qlora_tokenizer_token_id(const qlora_tokenizer *tok, const char *token);
-/* The spelling of token `id` (owned by the tokenizer), or NULL when no token has that id. */
+/* The spelling of token `id` (owned by the tokenizer), or NULL when no token has that id. An
+ * added token with "normalized": true is spelled as the normalizer leaves it, as in decode. */
 QLORA_API const char *qlora_tokenizer_token(const qlora_tokenizer *tok, int32_t id);
 /* BOS: the first token the post-processor's template puts before the text, else
  * tokenizer_config.json's bos_token; EOS: tokenizer_config.json's eos_token, else the last token

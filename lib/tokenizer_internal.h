@@ -64,6 +64,7 @@ void ql_pieces_free(ql_pieces *p);
 typedef enum ql_tok_step_kind {
     QL_NORM_PREPEND,     /* a = the prefix, added to non-empty text */
     QL_NORM_REPLACE,     /* re -> a */
+    QL_NORM_UNICODE,     /* flag = utf8proc options of NFC, NFD, NFKC or NFKD */
     QL_PRE_SPLIT,        /* re, behavior, invert */
     QL_PRE_BYTELEVEL,    /* flag = add_prefix_space, re = GPT-2's pattern when use_regex */
     QL_PRE_METASPACE,    /* a = replacement, scheme, flag = split */
@@ -108,8 +109,8 @@ struct qlora_tokenizer {
     /* BPE model */
     ql_strmap vocab;
     ql_mergemap merges;
-    char **id_to_token;    /* [vocab_size]: model tokens, replaced by added tokens' contents */
-    unsigned char *special; /* [vocab_size]: 1 for special added tokens (skipped by decode) */
+    char **id_to_token;    /* [vocab_size]: model tokens, replaced by added tokens (normalized ones: match) */
+    unsigned char *special; /* [vocab_size]: 1 when the spelling is a special token's (skipped by decode) */
     int32_t vocab_size;    /* 1 + the largest id */
     int32_t unk_id;        /* -1: none */
     int byte_fallback, fuse_unk, ignore_merges;

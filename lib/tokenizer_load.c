@@ -345,7 +345,10 @@ static qlora_status read_special_ids(qlora_tokenizer *t) {
     return s;
 }
 
-/* Fills the id -> token table: model tokens, then added tokens (which win, as in decode). */
+/* Fills the id -> token table: model tokens, then added tokens (which win, as in decode), a
+ * normalized one spelled as the normalizer leaves it (what `tokenizers` hands its decoder).
+ * Decode skips an id whose spelling is the content of a special token (is_special_token
+ * compares strings, so a normalized special token that normalization changes is kept). */
 static qlora_status build_id_table(qlora_tokenizer *t, int32_t max_id) {
     t->vocab_size = max_id + 1;
     size_t n = (size_t)t->vocab_size;
@@ -356,10 +359,20 @@ static qlora_status build_id_table(qlora_tokenizer *t, int32_t max_id) {
     for (size_t i = 0; i < t->vocab.cap; i++)
         if (t->vocab.slots[i].key)
             t->id_to_token[t->vocab.slots[i].value] = (char *)t->vocab.slots[i].key;
+    ql_strmap specials = {0};
     for (size_t i = 0; i < t->n_added; i++) {
-        t->id_to_token[t->added[i].id] = t->added[i].content;
-        t->special[t->added[i].id] = (unsigned char)t->added[i].special;
+        const ql_added_token *a = &t->added[i];
+        t->id_to_token[a->id] = a->normalized ? a->match : a->content;
+        if (a->special && ql_strmap_put(&specials, a->content, a->len, a->id) < 0) {
+            ql_strmap_free(&specials);
+            return oom(t);
+        }
     }
+    for (size_t id = 0; id < n && specials.used; id++) {
+        const char *s = t->id_to_token[id];
+        t->special[id] = s && ql_strmap_get(&specials, s, strlen(s)) >= 0;
+    }
+    ql_strmap_free(&specials);
     return QLORA_OK;
 }
 

@@ -1,10 +1,13 @@
 /*
  * Normalizers and pre-tokenizers on text pieces (tokenizers/src/{normalizers,pre_tokenizers},
- * tokenizer/pattern.rs): regex ranges through PCRE2, Split with its five behaviours, ByteLevel
- * and Metaspace.
+ * tokenizer/pattern.rs): regex ranges through PCRE2, the Unicode normal forms through utf8proc,
+ * Split with its five behaviours, ByteLevel and Metaspace.
  */
 #include "tokenizer_internal.h"
 
+#include <utf8proc.h>
+
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -90,6 +93,21 @@ int ql_regex_replace(const pcre2_code *re, const char *s, size_t n, const char *
 }
 
 /* ------------------------------------------------------------------ normalizer */
+/* One of the four Unicode normal forms through utf8proc. The text was checked as UTF-8, so
+ * utf8proc fails only when out of memory. */
+static int unicode_normalize(const char *s, size_t n, int options, char **out, size_t *out_len) {
+    if (n > (size_t)PTRDIFF_MAX)
+        return -1;
+    utf8proc_uint8_t *dst = NULL;
+    utf8proc_ssize_t len = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &dst,
+                                        (utf8proc_option_t)options);
+    if (len < 0)
+        return -1;
+    *out = (char *)dst; /* NUL-terminated, malloc'ed */
+    *out_len = (size_t)len;
+    return 0;
+}
+
 int ql_tok_normalize(const qlora_tokenizer *t, const char *text, size_t n, char **out, size_t *out_len) {
     char *cur = malloc(n + 1);
     if (!cur)
@@ -110,6 +128,9 @@ int ql_tok_normalize(const qlora_tokenizer *t, const char *text, size_t n, char 
                 memcpy(next + st->alen, cur, len + 1);
                 next_len = st->alen + len;
             }
+        } else if (st->kind == QL_NORM_UNICODE) {
+            if (unicode_normalize(cur, len, st->flag, &next, &next_len) != 0)
+                next = NULL;
         } else if (ql_regex_replace(st->re, cur, len, st->a, st->alen, &next, &next_len) != 0) {
             next = NULL;
         }

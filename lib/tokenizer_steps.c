@@ -6,6 +6,7 @@
 #include "tokenizer_internal.h"
 
 #include <cjson/cJSON.h>
+#include <utf8proc.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -142,8 +143,22 @@ static qlora_status parse_normalizer(const qlora_tokenizer *t, const cJSON *o, c
         }
         return push_step(t, l, st);
     }
+    static const struct {
+        const char *name;
+        int options;
+    } forms[] = {{"NFC", UTF8PROC_STABLE | UTF8PROC_COMPOSE},
+                 {"NFD", UTF8PROC_STABLE | UTF8PROC_DECOMPOSE},
+                 {"NFKC", UTF8PROC_STABLE | UTF8PROC_COMPOSE | UTF8PROC_COMPAT},
+                 {"NFKD", UTF8PROC_STABLE | UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT}};
+    for (size_t i = 0; i < sizeof forms / sizeof forms[0]; i++)
+        if (!strcmp(type, forms[i].name)) {
+            st.kind = QL_NORM_UNICODE;
+            st.flag = forms[i].options;
+            return push_step(t, l, st);
+        }
     return ql_fail(QLORA_ERR_UNSUPPORTED,
-                   "tokenizer '%s': normalizer '%s' is not supported (Sequence, Prepend, Replace)", t->path, type);
+                   "tokenizer '%s': normalizer '%s' is not supported (Sequence, Prepend, Replace, NFC, NFD, NFKC, "
+                   "NFKD)", t->path, type);
 }
 
 static qlora_status parse_behavior(const qlora_tokenizer *t, const char *s, ql_split_behavior *b) {

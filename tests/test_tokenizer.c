@@ -1,7 +1,8 @@
 /*
  * The tokenizer against the reference: tests/fixtures/make_tokenizer_fixtures.py trains small
- * tokenizers with Hugging Face `tokenizers` and records its ids and decodes for 300 strings;
- * every one must be reproduced exactly. Plus the API contract and the refusals.
+ * tokenizers with Hugging Face `tokenizers` and records its ids and decodes for 300 strings
+ * (and the four Unicode normal forms of some texts); every one must be reproduced exactly.
+ * Plus the API contract and the refusals.
  */
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -9,6 +10,7 @@
 #include <string.h>
 
 #include "testutil.h"
+#include "tokenizer_internal.h"
 
 static char *read_all(const char *path, size_t *len) {
     FILE *fp = fopen(path, "rb");
@@ -150,6 +152,51 @@ END_TEST
 START_TEST(spm_legacy_matches_reference) { check_kind("spm_legacy"); }
 END_TEST
 
+START_TEST(qwen2_nfc_matches_reference) { check_kind("qwen2"); }
+END_TEST
+
+/* The four Unicode normal forms against `tokenizers`' normalize_str, on texts that each changes. */
+START_TEST(unicode_normalizers_match_reference) {
+    static const char *forms[] = {"NFC", "NFD", "NFKC", "NFKD"};
+    cJSON *cases = load_cases();
+    const cJSON *list = cJSON_GetObjectItemCaseSensitive(cases, "normalizers");
+    ck_assert_int_ge(cJSON_GetArraySize(list), 20);
+    char *dir = tu_tempdir();
+    char path[1024];
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    for (int f = 0; f < 4; f++) {
+        char json[512];
+        snprintf(json, sizeof json, "{\"normalizer\":{\"type\":\"Sequence\",\"normalizers\":[{\"type\":\"%s\"}]},"
+                 "\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[]}}", forms[f]);
+        tu_write_file(path, json, strlen(json));
+        qlora_tokenizer *tok = NULL;
+        ck_assert_qlora_ok(qlora_tokenizer_load(path, &tok));
+        int changed = 0, bad = 0;
+        const cJSON *c;
+        cJSON_ArrayForEach(c, list) {
+            const char *text = cJSON_GetObjectItemCaseSensitive(c, "text")->valuestring;
+            const cJSON *want = cJSON_GetObjectItemCaseSensitive(c, forms[f]);
+            ck_assert(cJSON_IsString(want));
+            char *got = NULL;
+            size_t len = 0;
+            ck_assert_int_eq(ql_tok_normalize(tok, text, strlen(text), &got, &len), 0);
+            if (len != strlen(want->valuestring) || memcmp(got, want->valuestring, len) != 0) {
+                fprintf(stderr, "%s '%s': got '%.*s', want '%s'\n", forms[f], text, (int)len, got, want->valuestring);
+                bad++;
+            }
+            changed += strcmp(text, want->valuestring) != 0;
+            free(got);
+        }
+        ck_assert_msg(bad == 0, "%s: %d texts normalize differently from the reference", forms[f], bad);
+        ck_assert_int_ge(changed, 10); /* the texts exercise the form */
+        qlora_tokenizer_free(tok);
+    }
+    tu_rmtree(dir);
+    free(dir);
+    cJSON_Delete(cases);
+}
+END_TEST
+
 START_TEST(special_ids_and_lookup) {
     qlora_tokenizer *bl = NULL, *spm = NULL, *legacy = NULL;
     ck_assert_qlora_ok(qlora_tokenizer_load(tu_fixture("tokenizer_bytelevel.json"), &bl));
@@ -171,6 +218,16 @@ START_TEST(special_ids_and_lookup) {
     qlora_tokenizer_free(bl);
     qlora_tokenizer_free(spm);
     qlora_tokenizer_free(legacy);
+    qlora_tokenizer *qwen = NULL;
+    ck_assert_qlora_ok(qlora_tokenizer_load(tu_fixture("tokenizer_qwen2.json"), &qwen));
+    ck_assert_int_eq(qlora_tokenizer_token_id(qwen, "<|im_end|>"), 2);
+    ck_assert_int_eq(qlora_tokenizer_bos_id(qwen), -1); /* the ByteLevel post-processor adds nothing */
+    ck_assert_int_eq(qlora_tokenizer_vocab_size(qwen), 1003); /* 1000 trained + three added */
+    /* Looked up by the spelling in the file (decomposed), spelled as NFC leaves it. */
+    ck_assert_int_eq(qlora_tokenizer_token_id(qwen, "<cafe\xcc\x81>"), 1000);
+    ck_assert_str_eq(qlora_tokenizer_token(qwen, 1000), "<caf\xc3\xa9>");
+    ck_assert_str_eq(qlora_tokenizer_token(qwen, 1001), "<|e\xcc\x81|>"); /* not normalized */
+    qlora_tokenizer_free(qwen);
     qlora_tokenizer_free(NULL);
 }
 END_TEST
@@ -278,7 +335,8 @@ START_TEST(bad_files_are_refused) {
     refused("{\"model\":{\"type\":\"WordPiece\",\"vocab\":{\"a\":0}}}", QLORA_ERR_UNSUPPORTED,
             "model type 'WordPiece' is not supported");
     refused("{\"model\":{\"type\":\"Unigram\",\"vocab\":[[\"a\",0.0]]}}", QLORA_ERR_UNSUPPORTED, "'Unigram'");
-    refused("{\"normalizer\":{\"type\":\"NFC\"}," MODEL_OK "}", QLORA_ERR_UNSUPPORTED, "normalizer 'NFC'");
+    refused("{\"normalizer\":{\"type\":\"Lowercase\"}," MODEL_OK "}", QLORA_ERR_UNSUPPORTED,
+            "normalizer 'Lowercase'");
     refused("{\"pre_tokenizer\":{\"type\":\"Whitespace\"}," MODEL_OK "}", QLORA_ERR_UNSUPPORTED,
             "pre_tokenizer 'Whitespace'");
     refused("{\"decoder\":{\"type\":\"WordPiece\"}," MODEL_OK "}", QLORA_ERR_UNSUPPORTED, "decoder 'WordPiece'");
@@ -343,6 +401,8 @@ int main(void) {
     tcase_add_test(tc, bytelevel_matches_reference);
     tcase_add_test(tc, spm_metaspace_matches_reference);
     tcase_add_test(tc, spm_legacy_matches_reference);
+    tcase_add_test(tc, qwen2_nfc_matches_reference);
+    tcase_add_test(tc, unicode_normalizers_match_reference);
     tcase_add_test(tc, special_ids_and_lookup);
     tcase_add_test(tc, eos_from_tokenizer_config);
     tcase_add_test(tc, buffers_work_like_snprintf);

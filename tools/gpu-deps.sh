@@ -2,9 +2,9 @@
 # Prepares the build dependencies a GPU machine lacks, so they can travel with the repository.
 #
 # Run HERE (a Debian/Ubuntu x86-64 machine with apt); the GPU machine can reach no registry.
-# Downloads the .debs of Check (+ libsubunit) for the tests, cJSON, PCRE2, OpenBLAS (OpenMP build) and
-# pkgconf, and unpacks them with dpkg -x (nothing is installed) into .gpu-deps/root, which git
-# ignores. dpkg -x runs no update-alternatives, so OpenBLAS stays in its openblas-openmp/ dirs.
+# Downloads the .debs of Check (+ libsubunit) for the tests, cJSON, PCRE2, utf8proc, OpenBLAS (OpenMP
+# build) and pkgconf, and unpacks them with dpkg -x (nothing is installed) into .gpu-deps/root, which
+# git ignores. dpkg -x runs no update-alternatives, so OpenBLAS stays in its openblas-openmp/ dirs.
 # OpenBLAS's runtime dependencies (libgfortran5, libquadmath0) go to a separate directory,
 # usr/lib/x86_64-linux-gnu/openblas-runtime, used only where the GPU machine lacks them (a copy
 # on LD_LIBRARY_PATH would shadow the system's own, possibly newer, ones). Then carry it:
@@ -16,7 +16,8 @@ cd "$(dirname "$0")/.."
 dest=.gpu-deps
 packages=(check libsubunit0 libsubunit-dev libcjson1 libcjson-dev pkgconf pkgconf-bin libpkgconf3
           libopenblas-openmp-dev libopenblas0-openmp libopenblas-dev
-          libpcre2-dev libpcre2-8-0 libpcre2-16-0 libpcre2-32-0 libpcre2-posix3)
+          libpcre2-dev libpcre2-8-0 libpcre2-16-0 libpcre2-32-0 libpcre2-posix3
+          libutf8proc-dev libutf8proc2)
 runtime_packages=(libgfortran5 libquadmath0)
 multiarch=usr/lib/x86_64-linux-gnu
 openblas=$multiarch/openblas-openmp
@@ -54,6 +55,7 @@ for f in usr/include/check.h usr/include/cjson/cJSON.h usr/bin/pkgconf \
          "$multiarch/pkgconfig/check.pc" "$multiarch/pkgconfig/libcjson.pc" \
          "$multiarch/libcjson.so.1" "$multiarch/libsubunit.so.0" \
          "$multiarch/pkgconfig/libpcre2-8.pc" "$multiarch/libpcre2-8.so.0" usr/include/pcre2.h \
+         "$multiarch/pkgconfig/libutf8proc.pc" "$multiarch/libutf8proc.so.2" usr/include/utf8proc.h \
          "$openblas/pkgconfig/openblas.pc" "$openblas/libopenblas.so" "$openblas/libopenblas.so.0" \
          usr/include/x86_64-linux-gnu/openblas-openmp/cblas.h \
          usr/include/x86_64-linux-gnu/openblas-openmp/openblas_config.h \
