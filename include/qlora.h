@@ -452,8 +452,7 @@ QLORA_API qlora_status qlora_linear_forward(qlora_linear *lin, const qlora_tenso
                                             const qlora_linear_fwd_opts *opts, qlora_linear_saved *saved);
 /* Backward of the forward that filled `saved`, with the same x: accumulates the gradients of the
  * adapters that were enabled then, and writes dx ([..., in] BF16) unless dx is NULL (the first
- * layer needs none). The dropout masks are those of the forward (its stream is in `saved`).
- * On CUDA, dx with two or more adapters that train with dropout is QLORA_ERR_UNSUPPORTED. */
+ * layer needs none). The dropout masks are those of the forward (its stream is in `saved`). */
 QLORA_API qlora_status qlora_linear_backward(qlora_linear *lin, const qlora_tensor *x, const qlora_tensor *dy,
                                              const qlora_linear_saved *saved, qlora_tensor *dx);
 /* Releases the activations held by `saved` and empties it. NULL or empty: no-op. */
