@@ -4,6 +4,7 @@
  *
  *   qlora-bench [--size MiB] [--iters N] [--backend cpu|cuda|all] [--json]
  *   qlora-bench linear ...   the QLoRA linear layer (tools/bench/bench_linear.c)
+ *   qlora-bench adamw ...    the paged AdamW step (tools/bench/bench_adamw.c)
  *
  * Bytes are counted as moved through memory: quantize reads the BF16 input and writes codes +
  * scales; dequantize reads codes + scales and writes the output; a copy reads and writes the
@@ -13,6 +14,7 @@
  */
 #include <qlora.h>
 
+#include "bench_adamw.h"
 #include "bench_linear.h"
 
 #include <errno.h>
@@ -301,6 +303,7 @@ static void usage(FILE *to) {
     fprintf(to,
             "usage: qlora-bench [--size MiB] [--iters N] [--backend cpu|cuda|all] [--json]\n"
             "       qlora-bench linear --help   (the QLoRA linear layer vs an unquantized one)\n"
+            "       qlora-bench adamw --help    (the paged AdamW step vs a copy of the same bytes)\n"
             "Throughput of NF4 + double-quant (blocksize 64) quantize/dequantize vs a plain copy.\n"
             "  --size MiB     BF16 weight size (default 64)\n"
             "  --iters N      timed runs per operation, median reported (default 7)\n"
@@ -327,6 +330,8 @@ int main(int argc, char **argv) {
     int json = 0;
     if (argc > 1 && !strcmp(argv[1], "linear"))
         return bench_linear_main(argc - 1, argv + 1);
+    if (argc > 1 && !strcmp(argv[1], "adamw"))
+        return bench_adamw_main(argc - 1, argv + 1);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         int takes_value = !strcmp(a, "--size") || !strcmp(a, "--iters") || !strcmp(a, "--backend");
