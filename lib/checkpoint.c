@@ -5,6 +5,7 @@
  * tensor of every shard is mapped there, and no name occurs twice.
  */
 #include "internal.h"
+#include "text_file.h"
 #include "json_util.h"
 #include "safetensors_internal.h"
 
@@ -107,34 +108,6 @@ static qlora_status open_single(qlora_checkpoint *c, const char *file) {
     return QLORA_OK;
 }
 
-static qlora_status read_text_file(const char *path, char **out, size_t *len) {
-    FILE *fp = fopen(path, "rb");
-    if (!fp)
-        return ql_fail(QLORA_ERR_IO, "checkpoint index '%s': cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fileno(fp), &st) != 0 || st.st_size < 0 || (unsigned long long)st.st_size > QL_INDEX_MAX_BYTES) {
-        fclose(fp);
-        return ql_fail(QLORA_ERR_FORMAT, "checkpoint index '%s': cannot stat it or it is larger than %llu bytes",
-                       path, QL_INDEX_MAX_BYTES);
-    }
-    size_t n = (size_t)st.st_size;
-    char *buf = malloc(n + 1);
-    if (!buf) {
-        fclose(fp);
-        return ql_fail(QLORA_ERR_OUT_OF_MEMORY, "checkpoint index '%s': out of memory", path);
-    }
-    size_t got = fread(buf, 1, n, fp);
-    int err = ferror(fp);
-    fclose(fp);
-    if (got != n || err) {
-        free(buf);
-        return ql_fail(QLORA_ERR_IO, "checkpoint index '%s': read %zu of %zu bytes", path, got, n);
-    }
-    buf[n] = '\0';
-    *out = buf;
-    *len = n;
-    return QLORA_OK;
-}
 
 /* A shard file name must stay inside the checkpoint directory. */
 static int shard_name_ok(const char *s) {
@@ -212,7 +185,7 @@ static qlora_status parse_index(qlora_checkpoint *c, const char *dir, const char
 static qlora_status open_index(qlora_checkpoint *c, const char *dir, const char *index_path) {
     char *text = NULL;
     size_t n = 0;
-    QL_CHECK(read_text_file(index_path, &text, &n));
+    QL_CHECK(ql_read_text_file("checkpoint index", index_path, QL_INDEX_MAX_BYTES, &text, &n));
     size_t bad;
     ql_json_number *nums = NULL;
     size_t nnums;

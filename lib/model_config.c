@@ -4,6 +4,7 @@
  * and 5.x field names), validation, and parameter counts.
  */
 #include "internal.h"
+#include "text_file.h"
 #include "mem_estimate.h"
 
 #include <cjson/cJSON.h>
@@ -160,40 +161,6 @@ qlora_status qlora_model_config_validate(const qlora_model_config *cfg) {
 }
 
 /* ------------------------------------------------------------------ config.json */
-static qlora_status read_config_text(const char *path, char **out, size_t *len) {
-    FILE *fp = fopen(path, "rb");
-    if (!fp)
-        return ql_fail(errno == ENOENT ? QLORA_ERR_NOT_FOUND : QLORA_ERR_IO, "config '%s': cannot open: %s", path,
-                       strerror(errno));
-    struct stat st;
-    if (fstat(fileno(fp), &st) != 0) {
-        int err = errno;
-        fclose(fp);
-        return ql_fail(QLORA_ERR_IO, "config '%s': cannot stat: %s", path, strerror(err));
-    }
-    if (!S_ISREG(st.st_mode) || st.st_size < 0 || (unsigned long long)st.st_size > QL_CONFIG_MAX_BYTES) {
-        fclose(fp);
-        return ql_fail(QLORA_ERR_FORMAT, "config '%s': not a regular file of at most %u bytes", path,
-                       QL_CONFIG_MAX_BYTES);
-    }
-    size_t n = (size_t)st.st_size;
-    char *buf = malloc(n + 1);
-    if (!buf) {
-        fclose(fp);
-        return ql_fail(QLORA_ERR_OUT_OF_MEMORY, "config '%s': out of host memory", path);
-    }
-    size_t got = fread(buf, 1, n, fp);
-    int err = ferror(fp);
-    fclose(fp);
-    if (got != n || err) {
-        free(buf);
-        return ql_fail(QLORA_ERR_IO, "config '%s': read %zu of %zu bytes", path, got, n);
-    }
-    buf[n] = '\0';
-    *out = buf;
-    *len = n;
-    return QLORA_OK;
-}
 
 /* An integer field: *present = 0 when absent or null (then *out is untouched). */
 static qlora_status get_int(const char *path, const cJSON *obj, const char *field, int required, int *present,
@@ -306,7 +273,7 @@ qlora_status qlora_model_config_from_json_file(const char *path, qlora_model_con
     QL_REQUIRE_ARG(out != NULL, "out");
     char *text = NULL;
     size_t n = 0;
-    QL_CHECK(read_config_text(path, &text, &n));
+    QL_CHECK(ql_read_text_file("config", path, QL_CONFIG_MAX_BYTES, &text, &n));
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithLengthOpts(text, n, &end, 0);
     qlora_status st = QLORA_OK;

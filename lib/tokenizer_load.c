@@ -6,6 +6,7 @@
  */
 #include "json_util.h"
 #include "tokenizer_internal.h"
+#include "text_file.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -17,36 +18,6 @@
 #define QL_TOKENIZER_MAX_BYTES (512u << 20)
 #define QL_TOKENIZER_MAX_ID ((1 << 30) - 1)
 
-static qlora_status read_text(const char *path, char **out, size_t *len) {
-    FILE *fp = fopen(path, "rb");
-    if (!fp)
-        return ql_fail(errno == ENOENT ? QLORA_ERR_NOT_FOUND : QLORA_ERR_IO, "tokenizer '%s': cannot open: %s", path,
-                       strerror(errno));
-    struct stat st;
-    if (fstat(fileno(fp), &st) != 0 || !S_ISREG(st.st_mode) || st.st_size < 0 ||
-        (unsigned long long)st.st_size > QL_TOKENIZER_MAX_BYTES) {
-        fclose(fp);
-        return ql_fail(QLORA_ERR_FORMAT, "tokenizer '%s': not a regular file of at most %u bytes", path,
-                       QL_TOKENIZER_MAX_BYTES);
-    }
-    size_t n = (size_t)st.st_size;
-    char *buf = malloc(n + 1);
-    if (!buf) {
-        fclose(fp);
-        return ql_fail(QLORA_ERR_OUT_OF_MEMORY, "tokenizer '%s': out of host memory", path);
-    }
-    size_t got = fread(buf, 1, n, fp);
-    int err = ferror(fp);
-    fclose(fp);
-    if (got != n || err) {
-        free(buf);
-        return ql_fail(QLORA_ERR_IO, "tokenizer '%s': read %zu of %zu bytes", path, got, n);
-    }
-    buf[n] = '\0';
-    *out = buf;
-    *len = n;
-    return QLORA_OK;
-}
 
 static qlora_status oom(const qlora_tokenizer *t) {
     return ql_fail(QLORA_ERR_OUT_OF_MEMORY, "tokenizer '%s': out of host memory", t->path);
@@ -326,7 +297,7 @@ static qlora_status read_special_ids(qlora_tokenizer *t) {
     fclose(fp);
     char *text = NULL;
     size_t len = 0;
-    qlora_status s = read_text(cfg_path, &text, &len);
+    qlora_status s = ql_read_text_file("tokenizer config", cfg_path, QL_TOKENIZER_MAX_BYTES, &text, &len);
     if (s == QLORA_OK) {
         cJSON *cfg = cJSON_ParseWithLength(text, len);
         if (!cJSON_IsObject(cfg)) {
@@ -403,7 +374,7 @@ qlora_status qlora_tokenizer_load(const char *path, qlora_tokenizer **out) {
     *out = NULL;
     char *text = NULL;
     size_t len = 0;
-    QL_CHECK(read_text(path, &text, &len));
+    QL_CHECK(ql_read_text_file("tokenizer", path, QL_TOKENIZER_MAX_BYTES, &text, &len));
     size_t bad = 0;
     if (!ql_utf8_valid(text, len, &bad)) {
         free(text);
