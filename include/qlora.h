@@ -515,6 +515,62 @@ QLORA_API const char *qlora_tokenizer_token(const qlora_tokenizer *tok, int32_t 
 QLORA_API int32_t qlora_tokenizer_bos_id(const qlora_tokenizer *tok);
 QLORA_API int32_t qlora_tokenizer_eos_id(const qlora_tokenizer *tok);
 
+/* ------------------------------------------------------------------ model */
+/* A Llama-family causal LM (LlamaForCausalLM, MistralForCausalLM without a sliding window,
+ * Qwen2ForCausalLM) loaded from a Hugging Face model directory as a QLoRA model: every decoder
+ * linear weight (q, k, v, o, gate, up, down) is 4-bit, each wrapped in a qlora_linear with the
+ * adapters chosen at load; embeddings, norms, biases and lm_head stay 16-bit (BF16, category
+ * DENSE_WEIGHTS; a tied lm_head shares the embedding). The forward follows transformers' eager
+ * BF16 computation (/work/shared/spec/formats.md §2): BF16 activations, each residual add
+ * rounded to BF16, FP32 logits and loss. CPU contexts only for now: a CUDA context is refused
+ * with QLORA_ERR_UNSUPPORTED. A model is used by one thread at a time. */
+typedef struct qlora_model qlora_model;
+struct qlora_model_config;
+
+typedef struct qlora_model_load_opts {
+    /* How BF16/F16/F32 linear weights are quantized while loading (weights stored by
+     * bitsandbytes in 4 bits are loaded as they are). Default: NF4, blocksize 64, double quant. */
+    qlora_quant_params quant;
+    /* Adapter "default" on every decoder linear layer (not lm_head), B = 0 at init so the
+     * model's output is unchanged. rank 0: no adapters. Default: qlora_lora_default_params(). */
+    qlora_lora_params lora;
+} qlora_model_load_opts;
+
+QLORA_API qlora_model_load_opts qlora_model_load_default_opts(void);
+
+/* Loads the model in directory `dir`: config.json (see qlora_model_config_from_json_file; also
+ * rms_norm_eps, hidden_act and the RoPE type) and the checkpoint (model.safetensors or a sharded
+ * set), quantizing tensor by tensor so the 16-bit linear weights are never all in memory.
+ * opts NULL: the defaults. Refused with QLORA_ERR_UNSUPPORTED naming config.json and the field:
+ * a model_type other than llama, mistral, qwen2; a RoPE type other than default, linear, llama3;
+ * a sliding window; an activation other than silu. A missing tensor is QLORA_ERR_NOT_FOUND, a
+ * wrong shape QLORA_ERR_SHAPE and an unusable dtype QLORA_ERR_DTYPE, each naming the tensor. */
+QLORA_API qlora_status qlora_model_load(qlora_ctx *ctx, const char *dir, const qlora_model_load_opts *opts,
+                                        qlora_model **out);
+/* Frees the model and everything it allocated. NULL is a no-op. */
+QLORA_API void qlora_model_free(qlora_model *model);
+/* The model's dimensions as read from config.json. */
+QLORA_API qlora_status qlora_model_get_config(const qlora_model *model, struct qlora_model_config *out);
+/* The linear layer `proj` ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+ * "down_proj") of decoder layer `layer` (owned by the model), e.g. to reach its adapters. */
+QLORA_API qlora_status qlora_model_linear(qlora_model *model, int64_t layer, const char *proj, qlora_linear **out);
+
+/* Inference forward over T tokens (a packed batch of one or more sequences):
+ *   tokens     [T] ids in [0, vocab_size)
+ *   positions  [T] RoPE positions (>= 0), or NULL: t - seq_start[t] (0, 1, ... per sequence)
+ *   seq_start  [T] first token of t's sequence (seq_start[0] = 0, each entry seq_start[t-1] or
+ *              t: sequences are contiguous), or NULL: one sequence. Attention is causal and
+ *              never crosses a sequence boundary.
+ *   labels     [T] targets, already shifted (labels[t] is what position t predicts; -100 is
+ *              ignored), or NULL: no loss. *loss_out receives the mean cross-entropy over the
+ *              non-ignored tokens (0 when there are none), computed in chunks of tokens so the
+ *              [T, V] logits are never all in memory.
+ *   logits_out [T, V] FP32 (may be NULL): the logits, not rounded to BF16.
+ * Enabled adapters take part (without dropout). */
+QLORA_API qlora_status qlora_model_forward(qlora_model *model, const int32_t *tokens, const int32_t *positions,
+                                           const int32_t *seq_start, int64_t T, const int32_t *labels,
+                                           float *loss_out, float *logits_out);
+
 /* ------------------------------------------------- memory accountant report */
 /* The accountant's tables, written like snprintf into buf[cap] (NUL-terminated, truncated when
  * cap is too small; buf may be NULL when cap is 0). *needed receives the size of the whole

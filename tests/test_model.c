@@ -1,0 +1,317 @@
+/*
+ * The Llama-family model on the CPU backends: load tests/fixtures/tiny_llama (a random
+ * LlamaForCausalLM with GQA made by tests/fixtures/make_model_fixture.py), run the forward and
+ * compare with what transformers computed for it; packed sequences; adapters at init; refusals.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "testutil.h"
+
+enum { MAX_T = 64, MAX_V = 128 };
+
+/* The reference file's tensors, copied out of the mapping (which may be unaligned). */
+typedef struct reference {
+    int64_t T, V;
+    int32_t ids[MAX_T], labels[MAX_T];
+    float logits[MAX_T * MAX_V], logits_nf4[MAX_T * MAX_V];
+    float loss, loss_nf4;
+} reference;
+
+static void read_tensor(qlora_safetensors *f, const char *name, qlora_dtype dtype, void *dst, size_t cap,
+                        qlora_tensor *t) {
+    ck_assert_qlora_ok(qlora_safetensors_find(f, name, t));
+    ck_assert_int_eq(t->dtype, dtype);
+    size_t n = qlora_tensor_nbytes(t);
+    ck_assert_uint_le(n, cap);
+    memcpy(dst, t->data, n);
+}
+
+static void load_reference(reference *r) {
+    qlora_safetensors *f;
+    qlora_tensor t;
+    ck_assert_qlora_ok(qlora_safetensors_open(tu_fixture("tiny_llama_reference.safetensors"), &f));
+    read_tensor(f, "input_ids", QLORA_I32, r->ids, sizeof r->ids, &t);
+    r->T = t.shape[0];
+    read_tensor(f, "labels", QLORA_I32, r->labels, sizeof r->labels, &t);
+    read_tensor(f, "logits", QLORA_F32, r->logits, sizeof r->logits, &t);
+    r->V = t.shape[1];
+    read_tensor(f, "logits_nf4", QLORA_F32, r->logits_nf4, sizeof r->logits_nf4, &t);
+    read_tensor(f, "loss", QLORA_F32, &r->loss, sizeof r->loss, &t);
+    read_tensor(f, "loss_nf4", QLORA_F32, &r->loss_nf4, sizeof r->loss_nf4, &t);
+    qlora_safetensors_close(f);
+}
+
+static qlora_model *load_model(qlora_ctx *ctx, int rank) {
+    qlora_model_load_opts o = qlora_model_load_default_opts();
+    o.lora.rank = rank;
+    qlora_model *m = NULL;
+    ck_assert_qlora_ok(qlora_model_load(ctx, tu_fixture("tiny_llama"), &o, &m));
+    return m;
+}
+
+/* max |a - b| and rms(a - b), both divided by rms(b); argmax agreement per row. */
+typedef struct logit_diff {
+    double max_rel, rms_rel;
+    int argmax_same;
+} logit_diff;
+
+static logit_diff compare_logits(const float *a, const float *b, int64_t T, int64_t V) {
+    double ss = 0, sd = 0, md = 0;
+    logit_diff d = {0, 0, 0};
+    for (int64_t t = 0; t < T; t++) {
+        int64_t ia = 0, ib = 0;
+        for (int64_t v = 0; v < V; v++) {
+            double x = a[t * V + v], y = b[t * V + v];
+            ss += y * y;
+            sd += (x - y) * (x - y);
+            md = fmax(md, fabs(x - y));
+            if (x > a[t * V + ia])
+                ia = v;
+            if (y > b[t * V + ib])
+                ib = v;
+        }
+        d.argmax_same += ia == ib;
+    }
+    double rms = sqrt(ss / (double)(T * V));
+    d.max_rel = md / rms;
+    d.rms_rel = sqrt(sd / (double)(T * V)) / rms;
+    return d;
+}
+
+/* Against transformers with the same NF4 weights (dequantized exactly as libqlora does).
+ * What differs is rounding: both run BF16 activations (ulp 2^-8 relative), rounded after every
+ * op, and a value whose float32 sums differ in the last bits (other summation orders) can
+ * round to the other BF16 neighbour and carry that through the layers; transformers' logits
+ * are also BF16, ours float32. Measured on this model, an FP32 computation of the same
+ * weights is 3.9% (max |diff| / logits' RMS) from transformers and 4.9% from us, and we are
+ * 5.1% / 1.1% (max / RMS) from transformers, all 12 argmaxes equal. The bounds, 10% max and
+ * 2.5% RMS, are two such independent BF16 noises; a real error moves the logits far more
+ * (measured with an FP32 model: RoPE halves swapped or the norm weights missed 170% max / 40%
+ * RMS; the wrong kv head per query head or no causal mask 500% / 95%). Argmax may flip only
+ * where the top two logits are that close. */
+static void check_against_reference(qlora_ctx *ctx, const char *backend) {
+    static reference r;
+    load_reference(&r);
+    qlora_model *m = load_model(ctx, 0);
+    qlora_model_config cfg;
+    ck_assert_qlora_ok(qlora_model_get_config(m, &cfg));
+    ck_assert_int_eq(cfg.vocab_size, r.V);
+    ck_assert_int_eq(cfg.num_kv_heads, 2);
+    static float logits[MAX_T * MAX_V];
+    float loss = NAN, loss_only = NAN;
+    ck_assert_qlora_ok(qlora_model_forward(m, r.ids, NULL, NULL, r.T, r.labels, &loss, logits));
+    logit_diff q = compare_logits(logits, r.logits_nf4, r.T, r.V);
+    logit_diff u = compare_logits(logits, r.logits, r.T, r.V);
+    printf("%s: vs NF4 reference max %.4f rms %.4f argmax %d/%lld; vs BF16 model max %.3f rms %.3f; loss %.5f "
+           "(ref %.5f, unquantized %.5f)\n", backend, q.max_rel, q.rms_rel, q.argmax_same, (long long)r.T,
+           u.max_rel, u.rms_rel, loss, r.loss_nf4, r.loss);
+    ck_assert_msg(q.max_rel < 0.10, "%s: max |logit diff| / rms = %g", backend, q.max_rel);
+    ck_assert_msg(q.rms_rel < 0.025, "%s: rms logit diff / rms = %g", backend, q.rms_rel);
+    ck_assert_int_ge(q.argmax_same, r.T - 1);
+    /* Mean of T-1 token losses: the logit noise above moves it by ~0.004 here. */
+    ck_assert_msg(fabsf(loss - r.loss_nf4) < 0.02f, "%s: loss %g vs %g", backend, loss, r.loss_nf4);
+    /* The unquantized model differs by the NF4 error (the reference's own gap is ~25% rms):
+     * only a sanity bound, and the quantized reference must be the much closer one. */
+    ck_assert_msg(u.rms_rel < 0.5 && u.rms_rel > 4 * q.rms_rel, "%s: vs unquantized rms %g", backend, u.rms_rel);
+    ck_assert_msg(fabsf(loss - r.loss) < 0.25f, "%s: loss %g vs unquantized %g", backend, loss, r.loss);
+    /* loss without logits is the same computation */
+    ck_assert_qlora_ok(qlora_model_forward(m, r.ids, NULL, NULL, r.T, r.labels, &loss_only, NULL));
+    ck_assert_float_eq(loss_only, loss);
+    qlora_model_free(m);
+}
+
+START_TEST(forward_matches_transformers) {
+    tu_backend b[4];
+    int n = tu_backends(b);
+    for (int i = 0; i < n; i++) {
+        qlora_ctx *ctx = tu_ctx(&b[i]);
+        if (qlora_ctx_backend(ctx) == QLORA_BACKEND_CUDA) {
+            qlora_model *m = NULL;
+            ck_assert_qlora_fails(qlora_model_load(ctx, tu_fixture("tiny_llama"), NULL, &m), QLORA_ERR_UNSUPPORTED,
+                                  "CPU contexts only");
+        } else {
+            check_against_reference(ctx, b[i].name);
+        }
+        qlora_mem_stats st;
+        ck_assert_qlora_ok(qlora_mem_get_stats(ctx, &st));
+        ck_assert_uint_eq(st.live_allocations, 0); /* the model and the forward freed everything */
+        qlora_ctx_free(ctx);
+    }
+}
+END_TEST
+
+/* Random ids; two sequences packed with seq_start and restarted positions give the logits
+ * of separate runs (every op is row-wise or bounded by the sequence), up to summation order. */
+START_TEST(packed_sequences_equal_separate_runs) {
+    enum { TA = 9, TB = 7, T = TA + TB, V = 128 };
+    tu_rng rng;
+    tu_rng_init(&rng, tu_seed());
+    int32_t ids[T], seq_start[T], pos[T];
+    for (int t = 0; t < T; t++) {
+        ids[t] = (int32_t)(tu_next(&rng) % V);
+        seq_start[t] = t < TA ? 0 : TA;
+        pos[t] = t < TA ? t : t - TA;
+    }
+    tu_backend b[4];
+    int n = tu_backends(b);
+    for (int i = 0; i < n; i++) {
+        if (b[i].params.backend != QLORA_BACKEND_CPU)
+            continue;
+        qlora_ctx *ctx = tu_ctx(&b[i]);
+        qlora_model *m = load_model(ctx, 0);
+        static float packed[T * V], packed_pos[T * V], sep[T * V];
+        ck_assert_qlora_ok(qlora_model_forward(m, ids, NULL, seq_start, T, NULL, NULL, packed));
+        ck_assert_qlora_ok(qlora_model_forward(m, ids, pos, seq_start, T, NULL, NULL, packed_pos));
+        ck_assert_qlora_ok(qlora_model_forward(m, ids, NULL, NULL, TA, NULL, NULL, sep));
+        ck_assert_qlora_ok(qlora_model_forward(m, ids + TA, NULL, NULL, TB, NULL, NULL, sep + TA * V));
+        /* Both kernel sets compute the logits with a BLAS product whose summation order depends
+         * on the row count: float32 last-bit differences. On the fast kernels the decoder's
+         * products do too, so a BF16 activation may round one ulp (2^-8) the other way; that
+         * stays far below 1% of the logits' RMS. The reference decoder is row-exact, leaving
+         * only the logits' float32 rounding (1e-5 of the RMS is ~100 float32 ulps). */
+        double ss = 0, md = 0;
+        for (int j = 0; j < T * V; j++) {
+            ss += (double)sep[j] * sep[j];
+            md = fmax(md, fmax(fabs(packed[j] - sep[j]), fabs(packed_pos[j] - sep[j])));
+        }
+        double bound = (b[i].params.cpu_kernels == QLORA_CPU_REFERENCE ? 1e-5 : 1e-2) * sqrt(ss / (T * V));
+        printf("%s: packed vs separate max |diff| %g (bound %g)\n", b[i].name, md, bound);
+        ck_assert_msg(md <= bound, "%s: packed vs separate %g > %g", b[i].name, md, bound);
+        /* without the boundary the second sequence sees the first: different logits */
+        ck_assert_qlora_ok(qlora_model_forward(m, ids, pos, NULL, T, NULL, NULL, packed));
+        ck_assert_int_ne(memcmp(packed + TA * V, sep + TA * V, TB * V * sizeof(float)), 0);
+        qlora_model_free(m);
+        qlora_ctx_free(ctx);
+    }
+}
+END_TEST
+
+/* LoRA B starts at zero, so an adapted model equals the plain one exactly; once B is not zero
+ * the logits move (so the adapters are really in the path). */
+START_TEST(adapters_at_init_change_nothing) {
+    enum { T = 10, V = 128 };
+    tu_rng rng;
+    tu_rng_init(&rng, tu_seed());
+    int32_t ids[T];
+    for (int t = 0; t < T; t++)
+        ids[t] = (int32_t)(tu_next(&rng) % V);
+    tu_backend b[4];
+    int n = tu_backends(b);
+    for (int i = 0; i < n; i++) {
+        if (b[i].params.backend != QLORA_BACKEND_CPU)
+            continue;
+        qlora_ctx *ctx = tu_ctx(&b[i]);
+        qlora_model *plain = load_model(ctx, 0), *adapted = load_model(ctx, 8);
+        static float a[T * V], p[T * V];
+        ck_assert_qlora_ok(qlora_model_forward(plain, ids, NULL, NULL, T, NULL, NULL, p));
+        ck_assert_qlora_ok(qlora_model_forward(adapted, ids, NULL, NULL, T, NULL, NULL, a));
+        ck_assert_mem_eq(a, p, sizeof a);
+
+        qlora_linear *lin;
+        qlora_tensor bt;
+        int id;
+        ck_assert_qlora_ok(qlora_model_linear(adapted, 1, "v_proj", &lin));
+        ck_assert_qlora_ok(qlora_linear_find_adapter(lin, "default", &id));
+        ck_assert_qlora_ok(qlora_linear_adapter_tensors(lin, id, NULL, &bt, NULL, NULL));
+        int64_t nb = qlora_tensor_numel(&bt);
+        float *fb = malloc((size_t)nb * sizeof *fb);
+        tu_fill_normal(&rng, fb, nb, 0.05f);
+        uint16_t *hb = tu_to_dtype(fb, nb, QLORA_BF16);
+        memcpy(bt.data, hb, (size_t)nb * 2);
+        ck_assert_qlora_ok(qlora_model_forward(adapted, ids, NULL, NULL, T, NULL, NULL, a));
+        ck_assert_int_ne(memcmp(a, p, sizeof a), 0);
+        ck_assert_qlora_fails(qlora_model_linear(adapted, 0, "lm_head", &lin), QLORA_ERR_NOT_FOUND, "lm_head");
+        free(fb);
+        free(hb);
+        qlora_model_free(plain);
+        qlora_model_free(adapted);
+        qlora_ctx_free(ctx);
+    }
+}
+END_TEST
+
+static void write_config(const char *dir, const char *extra) {
+    char path[4096], text[2048];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    int n = snprintf(text, sizeof text,
+                     "{\"hidden_size\": 64, \"intermediate_size\": 176, \"num_hidden_layers\": 2, "
+                     "\"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"vocab_size\": 128, %s}", extra);
+    tu_write_file(path, text, (size_t)n);
+}
+
+START_TEST(bad_inputs_are_refused) {
+    tu_backend b[4];
+    tu_backends(b);
+    qlora_ctx *ctx = tu_ctx(&b[0]);
+    qlora_model *m = NULL;
+    ck_assert_qlora_fails(qlora_model_load(ctx, "/nonexistent/model-dir", NULL, &m), QLORA_ERR_NOT_FOUND,
+                          "/nonexistent/model-dir/config.json");
+    ck_assert_ptr_null(m);
+
+    char *dir = tu_tempdir();
+    write_config(dir, "\"model_type\": \"llama\", \"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}");
+    ck_assert_qlora_fails(qlora_model_load(ctx, dir, NULL, &m), QLORA_ERR_UNSUPPORTED, "rope_scaling.rope_type");
+    write_config(dir, "\"model_type\": \"llama\", \"rope_parameters\": {\"rope_type\": \"dynamic\", "
+                      "\"rope_theta\": 10000.0, \"factor\": 2.0}");
+    ck_assert_qlora_fails(qlora_model_load(ctx, dir, NULL, &m), QLORA_ERR_UNSUPPORTED, "'dynamic'");
+    write_config(dir, "\"model_type\": \"llama\", \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}");
+    ck_assert_qlora_fails(qlora_model_load(ctx, dir, NULL, &m), QLORA_ERR_FORMAT, "low_freq_factor");
+    write_config(dir, "\"model_type\": \"mistral\", \"sliding_window\": 4096");
+    ck_assert_qlora_fails(qlora_model_load(ctx, dir, NULL, &m), QLORA_ERR_UNSUPPORTED, "sliding_window");
+    write_config(dir, "\"model_type\": \"qwen2\", \"sliding_window\": 4096, \"use_sliding_window\": true");
+    ck_assert_qlora_fails(qlora_model_load(ctx, dir, NULL, &m), QLORA_ERR_UNSUPPORTED, "use_sliding_window");
+    write_config(dir, "\"model_type\": \"llama\", \"hidden_act\": \"gelu\"");
+    ck_assert_qlora_fails(qlora_model_load(ctx, dir, NULL, &m), QLORA_ERR_UNSUPPORTED, "hidden_act");
+    write_config(dir, "\"model_type\": \"gemma\"");
+    ck_assert_qlora_fails(qlora_model_load(ctx, dir, NULL, &m), QLORA_ERR_UNSUPPORTED, "model_type 'gemma'");
+    /* a valid config (Mistral v0.2 style: sliding_window null) but no checkpoint */
+    write_config(dir, "\"model_type\": \"mistral\", \"sliding_window\": null");
+    ck_assert_qlora_fails(qlora_model_load(ctx, dir, NULL, &m), QLORA_ERR_NOT_FOUND, dir);
+    ck_assert_ptr_null(m);
+    tu_rmtree(dir);
+    free(dir);
+
+    m = load_model(ctx, 0);
+    int32_t ids[6] = {5, 9, 127, 128, 3, 0};
+    float loss;
+    ck_assert_qlora_fails(qlora_model_forward(m, ids, NULL, NULL, 6, NULL, NULL, NULL), QLORA_ERR_INVALID_ARG,
+                          "token 3 has id 128");
+    ids[3] = -1;
+    ck_assert_qlora_fails(qlora_model_forward(m, ids, NULL, NULL, 6, NULL, NULL, NULL), QLORA_ERR_INVALID_ARG,
+                          "token 3 has id -1");
+    ids[3] = 4;
+    int32_t labels[6] = {9, 127, 4, 3, 0, 200};
+    ck_assert_qlora_fails(qlora_model_forward(m, ids, NULL, NULL, 6, labels, &loss, NULL), QLORA_ERR_INVALID_ARG,
+                          "200");
+    ck_assert_qlora_fails(qlora_model_forward(m, ids, NULL, NULL, 6, labels, NULL, NULL), QLORA_ERR_INVALID_ARG,
+                          "loss_out");
+    int32_t seq_start[6] = {0, 0, 0, 2, 3, 3};
+    ck_assert_qlora_fails(qlora_model_forward(m, ids, NULL, seq_start, 6, NULL, NULL, NULL), QLORA_ERR_INVALID_ARG,
+                          "seq_start");
+    int32_t pos[6] = {0, 1, 2, -3, 4, 5};
+    ck_assert_qlora_fails(qlora_model_forward(m, ids, pos, NULL, 6, NULL, NULL, NULL), QLORA_ERR_INVALID_ARG,
+                          "positions[3]");
+    /* ignored labels only: loss 0, as documented */
+    for (int t = 0; t < 6; t++)
+        labels[t] = -100;
+    ck_assert_qlora_ok(qlora_model_forward(m, ids, NULL, NULL, 6, labels, &loss, NULL));
+    ck_assert_float_eq(loss, 0.0f);
+    qlora_model_free(m);
+    qlora_ctx_free(ctx);
+}
+END_TEST
+
+int main(void) {
+    Suite *s = suite_create("model");
+    TCase *tc = tcase_create("model");
+    tcase_set_timeout(tc, 600);
+    tcase_add_test(tc, forward_matches_transformers);
+    tcase_add_test(tc, packed_sequences_equal_separate_runs);
+    tcase_add_test(tc, adapters_at_init_change_nothing);
+    tcase_add_test(tc, bad_inputs_are_refused);
+    suite_add_tcase(s, tc);
+    return tu_run_suite(s);
+}
