@@ -1,7 +1,8 @@
 /*
  * The Llama-family model on the CPU backends: load tests/fixtures/tiny_llama (a random
- * LlamaForCausalLM with GQA made by tests/fixtures/make_model_fixture.py), run the forward and
- * compare with what transformers computed for it; packed sequences; adapters at init; refusals.
+ * LlamaForCausalLM with GQA made by tests/fixtures/make_model_fixture.py) and tiny_qwen2 (a random
+ * Qwen2ForCausalLM: q/k/v biases, tied embeddings), run the forward and compare with what
+ * transformers computed for them; packed sequences; adapters at init; refusals.
  */
 #include <math.h>
 #include <stdio.h>
@@ -29,10 +30,13 @@ static void read_tensor(qlora_safetensors *f, const char *name, qlora_dtype dtyp
     memcpy(dst, t->data, n);
 }
 
-static void load_reference(reference *r) {
+/* <model>_reference.safetensors, next to the model directory <model>. */
+static void load_reference(const char *model, reference *r) {
     qlora_safetensors *f;
     qlora_tensor t;
-    ck_assert_qlora_ok(qlora_safetensors_open(tu_fixture("tiny_llama_reference.safetensors"), &f));
+    char name[256];
+    snprintf(name, sizeof name, "%s_reference.safetensors", model);
+    ck_assert_qlora_ok(qlora_safetensors_open(tu_fixture(name), &f));
     read_tensor(f, "input_ids", QLORA_I32, r->ids, sizeof r->ids, &t);
     r->T = t.shape[0];
     read_tensor(f, "labels", QLORA_I32, r->labels, sizeof r->labels, &t);
@@ -44,15 +48,21 @@ static void load_reference(reference *r) {
     qlora_safetensors_close(f);
 }
 
-static qlora_model *load_model(qlora_ctx *ctx, int rank) {
+static qlora_model *load_fixture_model(qlora_ctx *ctx, const char *model, int rank) {
     qlora_model_load_opts o = qlora_model_load_default_opts();
     o.lora.rank = rank;
     qlora_model *m = NULL;
-    ck_assert_qlora_ok(qlora_model_load(ctx, tu_fixture("tiny_llama"), &o, &m));
+    ck_assert_qlora_ok(qlora_model_load(ctx, tu_fixture(model), &o, &m));
     return m;
 }
 
-/* max |a - b| and rms(a - b), both divided by rms(b); argmax agreement per row. */
+static qlora_model *load_model(qlora_ctx *ctx, int rank) {
+    return load_fixture_model(ctx, "tiny_llama", rank);
+}
+
+/* max |a - b| and rms(a - b), both divided by rms(b); argmax agreement per row, where b (the
+ * reference, BF16 values) cannot order logits within one BF16 ulp of its maximum: a row whose
+ * argmax of a is such a near-tie in b counts as agreeing. */
 typedef struct logit_diff {
     double max_rel, rms_rel;
     int argmax_same;
@@ -73,7 +83,10 @@ static logit_diff compare_logits(const float *a, const float *b, int64_t T, int6
             if (y > b[t * V + ib])
                 ib = v;
         }
-        d.argmax_same += ia == ib;
+        int exp;
+        frexp(b[t * V + ib], &exp);
+        double ulp = ldexp(1.0, exp - 8); /* BF16: 8 significant bits */
+        d.argmax_same += ia == ib || b[t * V + ia] >= b[t * V + ib] - ulp;
     }
     double rms = sqrt(ss / (double)(T * V));
     d.max_rel = md / rms;
@@ -92,10 +105,11 @@ static logit_diff compare_logits(const float *a, const float *b, int64_t T, int6
  * (measured with an FP32 model: RoPE halves swapped or the norm weights missed 170% max / 40%
  * RMS; the wrong kv head per query head or no causal mask 500% / 95%). Argmax may flip only
  * where the top two logits are that close. */
-static void check_against_reference(qlora_ctx *ctx, const char *backend) {
+static void check_against_reference(qlora_ctx *ctx, const char *backend, const char *model,
+                                    qlora_model_config *cfg_out) {
     static reference r;
-    load_reference(&r);
-    qlora_model *m = load_model(ctx, 0);
+    load_reference(model, &r);
+    qlora_model *m = load_fixture_model(ctx, model, 0);
     qlora_model_config cfg;
     ck_assert_qlora_ok(qlora_model_get_config(m, &cfg));
     ck_assert_int_eq(cfg.vocab_size, r.V);
@@ -105,8 +119,8 @@ static void check_against_reference(qlora_ctx *ctx, const char *backend) {
     ck_assert_qlora_ok(qlora_model_forward(m, r.ids, NULL, NULL, r.T, r.labels, &loss, logits));
     logit_diff q = compare_logits(logits, r.logits_nf4, r.T, r.V);
     logit_diff u = compare_logits(logits, r.logits, r.T, r.V);
-    printf("%s: vs NF4 reference max %.4f rms %.4f argmax %d/%lld; vs BF16 model max %.3f rms %.3f; loss %.5f "
-           "(ref %.5f, unquantized %.5f)\n", backend, q.max_rel, q.rms_rel, q.argmax_same, (long long)r.T,
+    printf("%s %s: vs NF4 reference max %.4f rms %.4f argmax %d/%lld; vs BF16 model max %.3f rms %.3f; loss %.5f "
+           "(ref %.5f, unquantized %.5f)\n", model, backend, q.max_rel, q.rms_rel, q.argmax_same, (long long)r.T,
            u.max_rel, u.rms_rel, loss, r.loss_nf4, r.loss);
     ck_assert_msg(q.max_rel < 0.10, "%s: max |logit diff| / rms = %g", backend, q.max_rel);
     ck_assert_msg(q.rms_rel < 0.025, "%s: rms logit diff / rms = %g", backend, q.rms_rel);
@@ -120,6 +134,7 @@ static void check_against_reference(qlora_ctx *ctx, const char *backend) {
     /* loss without logits is the same computation */
     ck_assert_qlora_ok(qlora_model_forward(m, r.ids, NULL, NULL, r.T, r.labels, &loss_only, NULL));
     ck_assert_float_eq(loss_only, loss);
+    *cfg_out = cfg;
     qlora_model_free(m);
 }
 
@@ -133,11 +148,33 @@ START_TEST(forward_matches_transformers) {
             ck_assert_qlora_fails(qlora_model_load(ctx, tu_fixture("tiny_llama"), NULL, &m), QLORA_ERR_UNSUPPORTED,
                                   "CPU contexts only");
         } else {
-            check_against_reference(ctx, b[i].name);
+            qlora_model_config cfg;
+            check_against_reference(ctx, b[i].name, "tiny_llama", &cfg);
+            ck_assert(!cfg.qkv_bias && !cfg.tie_word_embeddings);
         }
         qlora_mem_stats st;
         ck_assert_qlora_ok(qlora_mem_get_stats(ctx, &st));
         ck_assert_uint_eq(st.live_allocations, 0); /* the model and the forward freed everything */
+        qlora_ctx_free(ctx);
+    }
+}
+END_TEST
+
+/* Qwen2: q/k/v biases (random, non-zero) and an lm_head tied to the embedding (the checkpoint
+ * has no lm_head.weight), against transformers with the same bounds as the Llama model. */
+START_TEST(qwen2_forward_matches_transformers) {
+    tu_backend b[4];
+    int n = tu_backends(b);
+    for (int i = 0; i < n; i++) {
+        if (b[i].params.backend != QLORA_BACKEND_CPU)
+            continue;
+        qlora_ctx *ctx = tu_ctx(&b[i]);
+        qlora_model_config cfg;
+        check_against_reference(ctx, b[i].name, "tiny_qwen2", &cfg);
+        ck_assert(cfg.qkv_bias && !cfg.o_bias && !cfg.mlp_bias && cfg.tie_word_embeddings);
+        qlora_mem_stats st;
+        ck_assert_qlora_ok(qlora_mem_get_stats(ctx, &st));
+        ck_assert_uint_eq(st.live_allocations, 0);
         qlora_ctx_free(ctx);
     }
 }
@@ -309,6 +346,7 @@ int main(void) {
     TCase *tc = tcase_create("model");
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, forward_matches_transformers);
+    tcase_add_test(tc, qwen2_forward_matches_transformers);
     tcase_add_test(tc, packed_sequences_equal_separate_runs);
     tcase_add_test(tc, adapters_at_init_change_nothing);
     tcase_add_test(tc, bad_inputs_are_refused);
