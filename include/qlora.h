@@ -606,6 +606,23 @@ QLORA_API qlora_status qlora_mem_device_info_get(const qlora_ctx *ctx, qlora_mem
 
 /* The shape of a Llama-family decoder (Llama 1/2/3, Mistral, Qwen2): pre-norm layers of
  * attention (q, k, v, o) and a SwiGLU MLP (gate, up, down), RMSNorm, untied or tied lm_head. */
+/* The RoPE variant of config.json's rope_scaling (transformers 4.x) or rope_parameters (5.x). */
+typedef enum qlora_rope_type {
+    QLORA_ROPE_DEFAULT = 0,    /* no scaling */
+    QLORA_ROPE_LINEAR = 1,     /* positions divided by factor */
+    QLORA_ROPE_LLAMA3 = 2,     /* Llama 3.1's frequency-dependent scaling */
+    QLORA_ROPE_UNSUPPORTED = 3 /* any other rope_type (yarn, dynamic, longrope...): estimable, not runnable */
+} qlora_rope_type;
+
+typedef struct qlora_rope_config {
+    qlora_rope_type type;
+    char type_name[32];       /* rope_type as written ("default" when absent), for messages */
+    double factor;            /* linear, llama3; 0 otherwise */
+    double low_freq_factor;   /* llama3 */
+    double high_freq_factor;  /* llama3 */
+    int64_t original_max_position_embeddings; /* llama3 */
+} qlora_rope_config;
+
 typedef struct qlora_model_config {
     char name[QLORA_NAME_MAX];  /* the preset name, or "<model_type> (<path>)" */
     int64_t hidden_size;        /* H */
@@ -620,13 +637,22 @@ typedef struct qlora_model_config {
     int o_bias;                 /* o_proj has a bias (Llama with attention_bias) */
     int mlp_bias;               /* gate, up, down have a bias */
     double rope_theta;          /* RoPE base, 0 when the config has none (not used for memory) */
+    /* Read for the forward, not used for memory: */
+    char model_type[16];        /* "llama", "mistral" or "qwen2" */
+    double rms_norm_eps;        /* RMSNorm epsilon; 1e-6 (LlamaConfig's default) when absent */
+    qlora_rope_config rope;     /* RoPE scaling; QLORA_ROPE_DEFAULT when absent or null */
+    char hidden_act[32];        /* MLP activation; "silu" when absent */
+    int64_t sliding_window;     /* window in tokens when sliding-window attention is on, else 0 */
 } qlora_model_config;
 
 /* Reads a Hugging Face config.json: transformers 4.x names (rope_theta, torch_dtype) and 5.x
  * ones (rope_parameters, dtype); a multimodal config's "text_config" when the top level has no
  * hidden_size. QLORA_ERR_NOT_FOUND / QLORA_ERR_IO when the file cannot be read;
  * QLORA_ERR_FORMAT naming the file and the field when one is missing, mistyped, out of range
- * or inconsistent (e.g. hidden_size not divisible by num_attention_heads without head_dim). */
+ * or inconsistent (e.g. hidden_size not divisible by num_attention_heads without head_dim, a
+ * llama3 rope_scaling without low_freq_factor). Features the forward does not implement (a
+ * sliding window, yarn RoPE, a gelu activation) are recorded, not refused: qlora_model_load
+ * refuses them. */
 QLORA_API qlora_status qlora_model_config_from_json_file(const char *path, qlora_model_config *out);
 /* A preset with the published dimensions (docs/memory.md lists them with their sources):
  * llama-7b, llama-13b, llama-33b, llama-65b, llama-2-70b, llama-3-8b, llama-3-70b,

@@ -1,11 +1,13 @@
 /*
- * The shape of a Llama-family decoder for the memory estimator: presets with the published
- * dimensions (sources in docs/memory.md), Hugging Face config.json parsing (transformers 4.x
- * and 5.x field names), validation, and parameter counts.
+ * The shape of a Llama-family decoder for the memory estimator and the forward: presets with
+ * the published dimensions (sources in docs/memory.md), Hugging Face config.json parsing
+ * (transformers 4.x and 5.x field names, parsed once for both), validation, parameter counts,
+ * and the refusal at model load of what the forward does not implement.
  */
 #include "internal.h"
 #include "text_file.h"
 #include "mem_estimate.h"
+#include "model_internal.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -31,21 +33,24 @@ typedef struct preset {
     const char *name;
     int64_t hidden, intermediate, layers, heads, kv_heads, head_dim, vocab;
     int tied, qkv_bias;
-    double rope_theta;
+    double rope_theta, rms_norm_eps;
+    const char *model_type;
+    int64_t sliding_window;
 } preset;
 
-/* Dimensions from each model's config.json on the Hugging Face Hub and its paper; see the
- * table in docs/memory.md. */
+/* Dimensions, RoPE base and norm epsilon from each model's config.json on the Hugging Face Hub
+ * and its paper; see the table in docs/memory.md. Llama 3.0 (not 3.1) has no RoPE scaling;
+ * Mistral 7B v0.1 attends through a 4096-token sliding window. */
 static const preset presets[] = {
-    {"llama-7b", 4096, 11008, 32, 32, 32, 128, 32000, 0, 0, 10000.0},
-    {"llama-13b", 5120, 13824, 40, 40, 40, 128, 32000, 0, 0, 10000.0},
-    {"llama-33b", 6656, 17920, 60, 52, 52, 128, 32000, 0, 0, 10000.0},
-    {"llama-65b", 8192, 22016, 80, 64, 64, 128, 32000, 0, 0, 10000.0},
-    {"llama-2-70b", 8192, 28672, 80, 64, 8, 128, 32000, 0, 0, 10000.0},
-    {"llama-3-8b", 4096, 14336, 32, 32, 8, 128, 128256, 0, 0, 500000.0},
-    {"llama-3-70b", 8192, 28672, 80, 64, 8, 128, 128256, 0, 0, 500000.0},
-    {"mistral-7b", 4096, 14336, 32, 32, 8, 128, 32000, 0, 0, 10000.0},
-    {"qwen2.5-7b", 3584, 18944, 28, 28, 4, 128, 152064, 0, 1, 1000000.0},
+    {"llama-7b", 4096, 11008, 32, 32, 32, 128, 32000, 0, 0, 10000.0, 1e-6, "llama", 0},
+    {"llama-13b", 5120, 13824, 40, 40, 40, 128, 32000, 0, 0, 10000.0, 1e-6, "llama", 0},
+    {"llama-33b", 6656, 17920, 60, 52, 52, 128, 32000, 0, 0, 10000.0, 1e-6, "llama", 0},
+    {"llama-65b", 8192, 22016, 80, 64, 64, 128, 32000, 0, 0, 10000.0, 1e-6, "llama", 0},
+    {"llama-2-70b", 8192, 28672, 80, 64, 8, 128, 32000, 0, 0, 10000.0, 1e-5, "llama", 0},
+    {"llama-3-8b", 4096, 14336, 32, 32, 8, 128, 128256, 0, 0, 500000.0, 1e-5, "llama", 0},
+    {"llama-3-70b", 8192, 28672, 80, 64, 8, 128, 128256, 0, 0, 500000.0, 1e-5, "llama", 0},
+    {"mistral-7b", 4096, 14336, 32, 32, 8, 128, 32000, 0, 0, 10000.0, 1e-5, "mistral", 4096},
+    {"qwen2.5-7b", 3584, 18944, 28, 28, 4, 128, 152064, 0, 1, 1000000.0, 1e-6, "qwen2", 0},
 };
 enum { NUM_PRESETS = sizeof presets / sizeof presets[0] };
 
@@ -70,6 +75,12 @@ qlora_status qlora_model_config_preset(const char *name, qlora_model_config *out
         out->tie_word_embeddings = p->tied;
         out->qkv_bias = p->qkv_bias;
         out->rope_theta = p->rope_theta;
+        snprintf(out->model_type, sizeof out->model_type, "%s", p->model_type);
+        out->rms_norm_eps = p->rms_norm_eps;
+        out->rope.type = QLORA_ROPE_DEFAULT;
+        snprintf(out->rope.type_name, sizeof out->rope.type_name, "default");
+        snprintf(out->hidden_act, sizeof out->hidden_act, "silu");
+        out->sliding_window = p->sliding_window;
         return QLORA_OK;
     }
     char list[512] = "";
@@ -211,6 +222,114 @@ static qlora_status get_rope_theta(const char *path, const cJSON *obj, double *o
     return QLORA_OK;
 }
 
+/* A positive finite number; *present = 0 when absent or null (then *out is untouched). */
+static qlora_status get_positive(const char *path, const cJSON *obj, const char *prefix, const char *field,
+                                 int *present, double *out) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, field);
+    *present = 0;
+    if (!v || cJSON_IsNull(v))
+        return QLORA_OK;
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || !(v->valuedouble > 0))
+        return ql_fail(QLORA_ERR_FORMAT, "config '%s': field '%s%s' must be a positive number", path, prefix, field);
+    *out = v->valuedouble;
+    *present = 1;
+    return QLORA_OK;
+}
+
+static qlora_status require_positive(const char *path, const cJSON *obj, const char *prefix, const char *field,
+                                     const char *rope_type, double *out) {
+    int present;
+    QL_CHECK(get_positive(path, obj, prefix, field, &present, out));
+    if (!present)
+        return ql_fail(QLORA_ERR_FORMAT, "config '%s': RoPE type '%s' needs field '%s%s'", path, rope_type, prefix,
+                       field);
+    return QLORA_OK;
+}
+
+/* rope_parameters (transformers 5) or rope_scaling (4.x), with "rope_type" or the older "type".
+ * A type the forward does not implement is recorded as QLORA_ROPE_UNSUPPORTED: the estimator
+ * does not need it, model loading refuses it. */
+static qlora_status get_rope(const char *path, const cJSON *obj, qlora_rope_config *rope) {
+    memset(rope, 0, sizeof *rope);
+    rope->type = QLORA_ROPE_DEFAULT;
+    snprintf(rope->type_name, sizeof rope->type_name, "default");
+    const char *prefix = "rope_parameters.";
+    const cJSON *dict = cJSON_GetObjectItemCaseSensitive(obj, "rope_parameters");
+    if (!cJSON_IsObject(dict)) {
+        prefix = "rope_scaling.";
+        dict = cJSON_GetObjectItemCaseSensitive(obj, "rope_scaling");
+    }
+    if (!dict || cJSON_IsNull(dict))
+        return QLORA_OK;
+    if (!cJSON_IsObject(dict))
+        return ql_fail(QLORA_ERR_FORMAT, "config '%s': field '%.*s' must be an object or null", path,
+                       (int)strlen(prefix) - 1, prefix);
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(dict, "rope_type");
+    if (!type)
+        type = cJSON_GetObjectItemCaseSensitive(dict, "type");
+    const char *name = "default";
+    if (type && !cJSON_IsNull(type)) {
+        if (!cJSON_IsString(type))
+            return ql_fail(QLORA_ERR_FORMAT, "config '%s': field '%srope_type' must be a string", path, prefix);
+        name = type->valuestring;
+    }
+    snprintf(rope->type_name, sizeof rope->type_name, "%s", name);
+    if (strcmp(name, "default") == 0)
+        return QLORA_OK;
+    if (strcmp(name, "linear") == 0) {
+        rope->type = QLORA_ROPE_LINEAR;
+        return require_positive(path, dict, prefix, "factor", name, &rope->factor);
+    }
+    if (strcmp(name, "llama3") != 0) {
+        rope->type = QLORA_ROPE_UNSUPPORTED;
+        return QLORA_OK;
+    }
+    double orig = 0;
+    rope->type = QLORA_ROPE_LLAMA3;
+    QL_CHECK(require_positive(path, dict, prefix, "factor", name, &rope->factor));
+    QL_CHECK(require_positive(path, dict, prefix, "low_freq_factor", name, &rope->low_freq_factor));
+    QL_CHECK(require_positive(path, dict, prefix, "high_freq_factor", name, &rope->high_freq_factor));
+    QL_CHECK(require_positive(path, dict, prefix, "original_max_position_embeddings", name, &orig));
+    if (!(rope->high_freq_factor > rope->low_freq_factor) || orig != floor(orig) || orig > 9.0e15)
+        return ql_fail(QLORA_ERR_FORMAT, "config '%s': llama3 RoPE needs high_freq_factor > low_freq_factor "
+                       "and an integer original_max_position_embeddings", path);
+    rope->original_max_position_embeddings = (int64_t)orig;
+    return QLORA_OK;
+}
+
+/* Mistral's sliding_window (null in v0.2 and later) and Qwen2's use_sliding_window (Qwen2 keeps
+ * a sliding_window size that is unused while use_sliding_window is false). */
+static qlora_status get_sliding_window(const char *path, const cJSON *obj, int qwen2, int64_t *out) {
+    *out = 0;
+    if (qwen2) {
+        int use = 0;
+        QL_CHECK(get_bool(path, obj, "use_sliding_window", &use));
+        if (!use)
+            return QLORA_OK;
+    }
+    int present;
+    QL_CHECK(get_int(path, obj, "sliding_window", 0, &present, out));
+    if (present && *out <= 0)
+        return ql_fail(QLORA_ERR_FORMAT, "config '%s': field 'sliding_window' must be a positive integer or null "
+                       "(got %lld)", path, (long long)*out);
+    if (qwen2 && !present)
+        return ql_fail(QLORA_ERR_FORMAT, "config '%s': field 'use_sliding_window' is true but 'sliding_window' "
+                       "has no size", path);
+    return QLORA_OK;
+}
+
+static qlora_status get_hidden_act(const char *path, const cJSON *obj, char *out, size_t cap) {
+    const cJSON *act = cJSON_GetObjectItemCaseSensitive(obj, "hidden_act");
+    const char *name = "silu"; /* LlamaConfig's default */
+    if (act && !cJSON_IsNull(act)) {
+        if (!cJSON_IsString(act))
+            return ql_fail(QLORA_ERR_FORMAT, "config '%s': field 'hidden_act' must be a string", path);
+        name = act->valuestring;
+    }
+    snprintf(out, cap, "%s", name);
+    return QLORA_OK;
+}
+
 /* Fields whose range check failed in qlora_model_config_validate are reported again with the
  * file name, so a user sees which file holds the bad value. */
 static qlora_status parse_config(const char *path, const cJSON *root, qlora_model_config *cfg) {
@@ -260,6 +379,12 @@ static qlora_status parse_config(const char *path, const cJSON *root, qlora_mode
     cfg->o_bias = attention_bias;
     QL_CHECK(get_rope_theta(path, obj, &cfg->rope_theta));
     snprintf(cfg->name, sizeof cfg->name, "%s (%s)", model_type, path);
+    snprintf(cfg->model_type, sizeof cfg->model_type, "%s", model_type);
+    QL_CHECK(get_sliding_window(path, obj, strcmp(model_type, "qwen2") == 0, &cfg->sliding_window));
+    QL_CHECK(get_hidden_act(path, obj, cfg->hidden_act, sizeof cfg->hidden_act));
+    cfg->rms_norm_eps = 1e-6; /* LlamaConfig's default */
+    QL_CHECK(get_positive(path, obj, "", "rms_norm_eps", &present, &cfg->rms_norm_eps));
+    QL_CHECK(get_rope(path, obj, &cfg->rope));
 
     if (qlora_model_config_validate(cfg) != QLORA_OK) {
         ql_error_prefix("config '%s'", path);
@@ -291,4 +416,23 @@ qlora_status qlora_model_config_from_json_file(const char *path, qlora_model_con
     cJSON_Delete(root);
     free(text);
     return st;
+}
+
+/* ------------------------------------------------------------------ what the forward implements */
+qlora_status ql_model_config_check_runnable(const char *path, const qlora_model_config *cfg) {
+    if (cfg->sliding_window != 0) {
+        if (strcmp(cfg->model_type, "qwen2") == 0)
+            return ql_fail(QLORA_ERR_UNSUPPORTED, "config '%s': field 'use_sliding_window' is true; sliding-window "
+                           "attention is not supported", path);
+        return ql_fail(QLORA_ERR_UNSUPPORTED, "config '%s': field 'sliding_window' is %lld; sliding-window "
+                       "attention is not supported (only null)", path, (long long)cfg->sliding_window);
+    }
+    if (strcmp(cfg->hidden_act, "silu") != 0)
+        return ql_fail(QLORA_ERR_UNSUPPORTED, "config '%s': field 'hidden_act' is '%s'; it must be \"silu\"", path,
+                       cfg->hidden_act);
+    if (cfg->rope.type == QLORA_ROPE_UNSUPPORTED)
+        return ql_fail(QLORA_ERR_UNSUPPORTED, "config '%s': field 'rope_scaling.rope_type' (transformers 5: "
+                       "'rope_parameters.rope_type') is '%s'; only default, linear and llama3 RoPE are supported",
+                       path, cfg->rope.type_name);
+    return QLORA_OK;
 }

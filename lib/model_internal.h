@@ -21,17 +21,17 @@ typedef struct ql_decoder_layer {
 struct qlora_model {
     qlora_ctx *ctx;
     qlora_model_config cfg;
-    float rms_norm_eps;
-    ql_rope_params rope;
+    float rms_norm_eps;       /* cfg.rms_norm_eps as the kernels take it */
+    ql_rope_params rope;      /* from cfg.rope_theta, cfg.head_dim and cfg.rope */
     uint16_t *embed_tokens;   /* [V, H] BF16 */
     uint16_t *final_norm;     /* [H] BF16 */
     uint16_t *lm_head;        /* [V, H] BF16; == embed_tokens when tied */
     ql_decoder_layer *layers; /* [L] */
 };
 
-/* What config.json says beyond qlora_model_config: the norm epsilon and the RoPE variant.
- * Unsupported features are QLORA_ERR_UNSUPPORTED naming the file and the field. */
-qlora_status ql_model_read_extras(const char *config_path, const qlora_model_config *cfg, float *rms_norm_eps,
-                                  ql_rope_params *rope);
+/* QLORA_ERR_UNSUPPORTED naming config_path and the field when cfg (as parsed from that file)
+ * asks for what the forward does not implement: a sliding window, an activation other than
+ * silu, a RoPE type other than default, linear and llama3. The estimator accepts such configs. */
+qlora_status ql_model_config_check_runnable(const char *config_path, const qlora_model_config *cfg);
 
 #endif

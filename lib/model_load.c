@@ -119,13 +119,30 @@ static qlora_status load_layer(qlora_model *m, const qlora_checkpoint *ck, const
     return QLORA_OK;
 }
 
+static ql_rope_params rope_params(const qlora_model_config *cfg) {
+    ql_rope_params p;
+    memset(&p, 0, sizeof p);
+    /* QLORA_ROPE_UNSUPPORTED never gets here: ql_model_config_check_runnable refuses it */
+    p.type = cfg->rope.type == QLORA_ROPE_LINEAR ? QL_ROPE_LINEAR
+             : cfg->rope.type == QLORA_ROPE_LLAMA3 ? QL_ROPE_LLAMA3 : QL_ROPE_DEFAULT;
+    p.head_dim = (int)cfg->head_dim;
+    p.theta = cfg->rope_theta > 0 ? cfg->rope_theta : 10000.0; /* transformers' default */
+    p.factor = cfg->rope.factor;
+    p.low_freq_factor = cfg->rope.low_freq_factor;
+    p.high_freq_factor = cfg->rope.high_freq_factor;
+    p.original_max_positions = cfg->rope.original_max_position_embeddings;
+    return p;
+}
+
 static qlora_status load_model(qlora_model *m, const char *dir, const qlora_model_load_opts *opts) {
     char path[4096];
     if ((size_t)snprintf(path, sizeof path, "%s/config.json", dir) >= sizeof path)
         return ql_fail(QLORA_ERR_INVALID_ARG, "qlora_model_load: directory name '%.64s...' is too long", dir);
     QL_CHECK(qlora_model_config_from_json_file(path, &m->cfg));
-    QL_CHECK(ql_model_read_extras(path, &m->cfg, &m->rms_norm_eps, &m->rope));
+    QL_CHECK(ql_model_config_check_runnable(path, &m->cfg));
     const qlora_model_config *cfg = &m->cfg;
+    m->rms_norm_eps = (float)cfg->rms_norm_eps;
+    m->rope = rope_params(cfg);
     m->layers = calloc((size_t)cfg->num_layers, sizeof *m->layers);
     if (!m->layers)
         return ql_fail(QLORA_ERR_OUT_OF_MEMORY, "model '%s': out of memory for %lld layers", dir,

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "mem_estimate.h" /* ql_quant4_bytes, ql_layer_linears, ql_layer_saved_bytes_per_token */
+#include "model_internal.h" /* ql_model_config_check_runnable */
 #include "testutil.h"
 
 static qlora_model_config preset(const char *name) {
@@ -407,6 +408,69 @@ START_TEST(config_json_transformers_4_and_5) {
 }
 END_TEST
 
+/* The fields the forward reads come from the same parse; what the forward cannot run is still
+ * estimable and refused only by ql_model_config_check_runnable. */
+START_TEST(config_json_forward_fields_and_runnable_check) {
+    char *dir = tu_tempdir();
+    const char *shape = "\"hidden_size\": 64, \"intermediate_size\": 128, \"num_hidden_layers\": 2, "
+                        "\"num_attention_heads\": 4, \"vocab_size\": 100, ";
+    char json[1024];
+    snprintf(json, sizeof json, "{%s\"model_type\": \"llama\", \"rms_norm_eps\": 1e-05, \"hidden_act\": "
+             "\"silu\", \"rope_scaling\": {\"factor\": 8.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": "
+             "4.0, \"original_max_position_embeddings\": 8192, \"rope_type\": \"llama3\"}}", shape);
+    char *p31 = write_config(dir, "llama31.json", json);
+    qlora_model_config cfg;
+    ck_assert_qlora_ok(qlora_model_config_from_json_file(p31, &cfg));
+    ck_assert(cfg.rms_norm_eps == 1e-5);
+    ck_assert_int_eq(cfg.rope.type, QLORA_ROPE_LLAMA3);
+    ck_assert(cfg.rope.factor == 8.0 && cfg.rope.low_freq_factor == 1.0 && cfg.rope.high_freq_factor == 4.0);
+    ck_assert_int_eq(cfg.rope.original_max_position_embeddings, 8192);
+    ck_assert_str_eq(cfg.model_type, "llama");
+    ck_assert_int_eq(cfg.sliding_window, 0);
+    ck_assert_qlora_ok(ql_model_config_check_runnable(p31, &cfg));
+
+    struct { const char *extra, *needle; } refused[] = {
+        {"\"model_type\": \"mistral\", \"sliding_window\": 4096", "'sliding_window' is 4096"},
+        {"\"model_type\": \"qwen2\", \"sliding_window\": 512, \"use_sliding_window\": true", "use_sliding_window"},
+        {"\"model_type\": \"llama\", \"hidden_act\": \"gelu\"", "'hidden_act' is 'gelu'"},
+        {"\"model_type\": \"llama\", \"rope_parameters\": {\"rope_type\": \"yarn\", \"factor\": 4.0}", "'yarn'"},
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        snprintf(json, sizeof json, "{%s%s}", shape, refused[i].extra);
+        char *p = write_config(dir, "refused.json", json);
+        ck_assert_qlora_ok(qlora_model_config_from_json_file(p, &cfg)); /* estimable */
+        ck_assert_int_eq(cfg.rms_norm_eps == 1e-6, 1);                  /* LlamaConfig's default */
+        ck_assert_qlora_fails(ql_model_config_check_runnable(p, &cfg), QLORA_ERR_UNSUPPORTED, refused[i].needle);
+        free(p);
+    }
+    /* Qwen2 keeps a window size that is unused while use_sliding_window is false */
+    snprintf(json, sizeof json, "{%s\"model_type\": \"qwen2\", \"sliding_window\": 131072, "
+             "\"use_sliding_window\": false}", shape);
+    char *pq = write_config(dir, "qwen.json", json);
+    ck_assert_qlora_ok(qlora_model_config_from_json_file(pq, &cfg));
+    ck_assert_int_eq(cfg.sliding_window, 0);
+    ck_assert_qlora_ok(ql_model_config_check_runnable(pq, &cfg));
+
+    /* presets carry the published epsilon and RoPE (Llama 3.0: no scaling) */
+    struct { const char *name; double eps, theta; int64_t window; } presets[] = {
+        {"llama-7b", 1e-6, 10000.0, 0},      {"llama-2-70b", 1e-5, 10000.0, 0},
+        {"llama-3-8b", 1e-5, 500000.0, 0},   {"mistral-7b", 1e-5, 10000.0, 4096},
+        {"qwen2.5-7b", 1e-6, 1000000.0, 0},
+    };
+    for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++) {
+        qlora_model_config c = preset(presets[i].name);
+        ck_assert_msg(c.rms_norm_eps == presets[i].eps && c.rope_theta == presets[i].theta, "%s", presets[i].name);
+        ck_assert_int_eq(c.rope.type, QLORA_ROPE_DEFAULT);
+        ck_assert_str_eq(c.hidden_act, "silu");
+        ck_assert_int_eq(c.sliding_window, presets[i].window);
+    }
+    free(p31);
+    free(pq);
+    tu_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 START_TEST(config_json_errors_name_the_file_and_field) {
     static const struct {
         const char *json;
@@ -607,6 +671,7 @@ int main(void) {
     tcase_add_test(tc, layer_activation_formula_golden);
     tcase_add_test(tc, bad_settings_are_rejected);
     tcase_add_test(tc, config_json_transformers_4_and_5);
+    tcase_add_test(tc, config_json_forward_fields_and_runnable_check);
     tcase_add_test(tc, config_json_errors_name_the_file_and_field);
     tcase_add_test(tc, reports_match_live_allocations);
     suite_add_tcase(s, tc);

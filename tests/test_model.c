@@ -206,17 +206,26 @@ START_TEST(packed_sequences_equal_separate_runs) {
         ck_assert_qlora_ok(qlora_model_forward(m, ids + TA, NULL, NULL, TB, NULL, NULL, sep + TA * V));
         /* Both kernel sets compute the logits with a BLAS product whose summation order depends
          * on the row count: float32 last-bit differences. On the fast kernels the decoder's
-         * products do too, so a BF16 activation may round one ulp (2^-8) the other way; that
-         * stays far below 1% of the logits' RMS. The reference decoder is row-exact, leaving
-         * only the logits' float32 rounding (1e-5 of the RMS is ~100 float32 ulps). */
-        double ss = 0, md = 0;
+         * products do too, so a BF16 activation may round one ulp (2^-8) the other way and the
+         * flip propagates through the layers: the same BF16 noise the comparison with
+         * transformers allows for (there 10% max / 2.5% RMS of the logits' RMS), here bounded at
+         * half of that (5% max, 1% RMS; seen: up to 1.5% max). A missing boundary or a wrong
+         * position moves the logits by tens of percent. The reference decoder is row-exact,
+         * leaving only the logits' float32 rounding (1e-5 of the RMS is ~100 float32 ulps). */
+        double ss = 0, md = 0, sd = 0;
         for (int j = 0; j < T * V; j++) {
             ss += (double)sep[j] * sep[j];
-            md = fmax(md, fmax(fabs(packed[j] - sep[j]), fabs(packed_pos[j] - sep[j])));
+            double d = fmax(fabs(packed[j] - sep[j]), fabs(packed_pos[j] - sep[j]));
+            md = fmax(md, d);
+            sd += d * d;
         }
-        double bound = (b[i].params.cpu_kernels == QLORA_CPU_REFERENCE ? 1e-5 : 1e-2) * sqrt(ss / (T * V));
-        printf("%s: packed vs separate max |diff| %g (bound %g)\n", b[i].name, md, bound);
-        ck_assert_msg(md <= bound, "%s: packed vs separate %g > %g", b[i].name, md, bound);
+        double rms = sqrt(ss / (T * V)), rms_diff = sqrt(sd / (T * V));
+        int reference = b[i].params.cpu_kernels == QLORA_CPU_REFERENCE;
+        double bound = (reference ? 1e-5 : 5e-2) * rms, rms_bound = (reference ? 1e-5 : 1e-2) * rms;
+        printf("%s: packed vs separate max |diff| %g (bound %g), rms %g (bound %g)\n", b[i].name, md, bound,
+               rms_diff, rms_bound);
+        ck_assert_msg(md <= bound, "%s: packed vs separate max %g > %g", b[i].name, md, bound);
+        ck_assert_msg(rms_diff <= rms_bound, "%s: packed vs separate rms %g > %g", b[i].name, rms_diff, rms_bound);
         /* without the boundary the second sequence sees the first: different logits */
         ck_assert_qlora_ok(qlora_model_forward(m, ids, pos, NULL, T, NULL, NULL, packed));
         ck_assert_int_ne(memcmp(packed + TA * V, sep + TA * V, TB * V * sizeof(float)), 0);
