@@ -9,6 +9,7 @@
  * it then runs single-threaded, outside them it uses the same thread pool.
  */
 #include "linear_internal.h"
+#include "simd_attrs.h"
 
 #include <cblas.h>
 #include <omp.h>
@@ -110,28 +111,189 @@ static void decode_absmax(const qlora_qtensor *q, float *absmax, int nt) {
     }
 }
 
-/* Elements [begin, begin + count) of the flat weight into out, with decoded block scales: one
- * 16-entry table of code · absmax per block, then a lookup per nibble. */
-static void decode_range(const qlora_qtensor *q, const float *absmax, int64_t begin, int64_t count, float *out) {
+/* The code-book values of both nibbles of every byte, unscaled: one 8-byte copy decodes a pair. */
+typedef struct code_pairs {
+    float v[256][2];
+} code_pairs;
+
+static void make_code_pairs(const qlora_qtensor *q, code_pairs *p) {
+    for (int b = 0; b < 256; b++) {
+        p->v[b][0] = q->code[b >> 4];
+        p->v[b][1] = q->code[b & 0x0f];
+    }
+}
+
+/* v[n] *= s, vectorised; the same single float32 product code · absmax a per-block table gives. */
+QL_TARGET_CLONES("avx2", "default")
+static void scale_floats(float *v, int64_t n, float s) {
+    for (int64_t j = 0; j < n; j++)
+        v[j] *= s;
+}
+
+/* Elements [begin, begin + count) of the flat weight into out, with decoded block scales: the
+ * code values a byte pair at a time, then one multiply by the block's absmax per element. */
+static void decode_range(const qlora_qtensor *q, const code_pairs *pairs, const float *absmax, int64_t begin,
+                         int64_t count, float *out) {
     int64_t i = begin, end = begin + count;
     while (i < end) {
         int64_t block = i / q->blocksize;
         int64_t stop = min64((block + 1) * q->blocksize, end);
-        float lut[16];
-        for (int c = 0; c < 16; c++)
-            lut[c] = q->code[c] * absmax[block];
+        float *seg = out;
         if (i % 2 == 1) /* only at the start of the range: blocks begin at even elements */
-            *out++ = lut[q->codes[i++ / 2] & 0x0f];
+            *out++ = q->code[q->codes[i++ / 2] & 0x0f];
         const uint8_t *src = q->codes + i / 2;
-        int64_t pairs = (stop - i) / 2;
-        for (int64_t j = 0; j < pairs; j++) {
-            out[2 * j] = lut[src[j] >> 4];
-            out[2 * j + 1] = lut[src[j] & 0x0f];
-        }
-        out += 2 * pairs;
-        i += 2 * pairs;
+        int64_t npairs = (stop - i) / 2;
+        for (int64_t j = 0; j < npairs; j++)
+            memcpy(out + 2 * j, pairs->v[src[j]], 2 * sizeof(float));
+        out += 2 * npairs;
+        i += 2 * npairs;
         if (i < stop)
-            *out++ = lut[q->codes[i++ / 2] >> 4];
+            *out++ = q->code[q->codes[i++ / 2] >> 4];
+        scale_floats(seg, out - seg, absmax[block]);
+    }
+}
+
+/* ---- small M: decoded rows straight into dot products ---- */
+
+/* Up to this many input rows the forward decodes W a few output rows at a time into L1 and takes
+ * their dot products with every input row itself: at small M a tile sgemm is bound by writing
+ * and re-reading the decoded tile, not by its multiply-adds. */
+#define QL_FUSED_MAX_M 16
+/* dX's fused form re-reads its output rows per group of weight rows, where sgemm keeps them in
+ * registers: it wins only while the decode dominates (measured: M = 1 yes, M = 16 no). */
+#define QL_FUSED_MAX_M_DX 4
+#define QL_FUSED_ROWS 4
+
+/* Eight float32 lanes (GNU vector extension): one AVX2 register in the avx2 clone, two SSE ones
+ * otherwise. Kept as named vectors so the partial sums stay in registers. */
+typedef float ql_v8 __attribute__((vector_size(8 * sizeof(float))));
+
+/* Vectors go by pointer: passing them by value in a non-AVX function changes the ABI. */
+QL_INLINE void load8(ql_v8 *v, const float *p) { memcpy(v, p, sizeof *v); }
+
+/* Sums the lanes pairwise (fixed order, so every run gives the same bits). */
+QL_INLINE float sum_lanes(const ql_v8 *s) {
+    const float *v = (const float *)s;
+    float a = (v[0] + v[4]) + (v[2] + v[6]);
+    float b = (v[1] + v[5]) + (v[3] + v[7]);
+    return a + b;
+}
+
+/* res[i · QL_FUSED_ROWS + r] = x[i · ldx ...] · w[r · k ...] for i < MR, r < NR: MR·NR lane-wise
+ * FP32 accumulators, each x and w vector loaded once per step. MR, NR are constants once inlined. */
+QL_INLINE void dots(const float *x, int64_t ldx, int mr, const float *w, int64_t k, int nr, float *res) {
+    ql_v8 acc[2][QL_FUSED_ROWS];
+    for (int i = 0; i < mr; i++)
+        for (int r = 0; r < nr; r++)
+            acc[i][r] = (ql_v8){0};
+    int64_t body = k / 8 * 8;
+    for (int64_t j = 0; j < body; j += 8) {
+        ql_v8 xv[2];
+        for (int i = 0; i < mr; i++)
+            load8(&xv[i], x + i * ldx + j);
+        for (int r = 0; r < nr; r++) {
+            ql_v8 wv;
+            load8(&wv, w + r * k + j);
+            for (int i = 0; i < mr; i++)
+                acc[i][r] += xv[i] * wv;
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int r = 0; r < nr; r++) {
+            float tail = 0.0f;
+            for (int64_t j = body; j < k; j++)
+                tail += x[i * ldx + j] * w[r * k + j];
+            res[i * QL_FUSED_ROWS + r] = sum_lanes(&acc[i][r]) + tail;
+        }
+}
+
+QL_TARGET_CLONES("avx2", "default")
+static void dots_2x4(const float *x, int64_t ldx, const float *w, int64_t k, float *res) {
+    dots(x, ldx, 2, w, k, QL_FUSED_ROWS, res);
+}
+
+QL_TARGET_CLONES("avx2", "default")
+static void dots_1x4(const float *x, const float *w, int64_t k, float *res) {
+    dots(x, 0, 1, w, k, QL_FUSED_ROWS, res);
+}
+
+QL_TARGET_CLONES("avx2", "default")
+static void dots_1x1(const float *x, const float *w, int64_t k, float *res) {
+    dots(x, 0, 1, w, k, 1, res);
+}
+
+/* out[i, c] (+)= X[i] · W[n0 + c] for c < cols, i < m: W decoded QL_FUSED_ROWS rows at a time
+ * into buf[QL_FUSED_ROWS · k]; accumulate: add to out instead of overwriting it. */
+static void fused_rows(const qlora_qtensor *w, const code_pairs *pairs, const float *absmax, const float *xf,
+                       int64_t m, int64_t k, int64_t n0, int64_t cols, int accumulate, float *buf, float *out) {
+    for (int64_t c = 0; c < cols; c += QL_FUSED_ROWS) {
+        int64_t group = min64(QL_FUSED_ROWS, cols - c);
+        decode_range(w, pairs, absmax, (n0 + c) * k, group * k, buf);
+        for (int64_t i = 0; i < m; i += 2) {
+            int64_t pair = min64(2, m - i);
+            float res[2 * QL_FUSED_ROWS];
+            if (group == QL_FUSED_ROWS && pair == 2)
+                dots_2x4(xf + i * k, k, buf, k, res);
+            else
+                for (int64_t p = 0; p < pair; p++) {
+                    if (group == QL_FUSED_ROWS)
+                        dots_1x4(xf + (i + p) * k, buf, k, res + p * QL_FUSED_ROWS);
+                    else
+                        for (int64_t r = 0; r < group; r++)
+                            dots_1x1(xf + (i + p) * k, buf + r * k, k, res + p * QL_FUSED_ROWS + r);
+                }
+            for (int64_t p = 0; p < pair; p++) {
+                float *o = out + (i + p) * cols + c;
+                for (int64_t r = 0; r < group; r++)
+                    o[r] = accumulate ? o[r] + res[p * QL_FUSED_ROWS + r] : res[p * QL_FUSED_ROWS + r];
+            }
+        }
+    }
+}
+
+/* out[width] += Σ_r coef[r] · w[r · width ...] for r < NR, out read and written once. */
+QL_INLINE void axpys(float *out, const float *w, int64_t width, int nr, const float *coef) {
+    int64_t body = width / 8 * 8;
+    for (int64_t j = 0; j < body; j += 8) {
+        ql_v8 acc, wv;
+        load8(&acc, out + j);
+        for (int r = 0; r < nr; r++) {
+            load8(&wv, w + r * width + j);
+            acc += coef[r] * wv;
+        }
+        memcpy(out + j, &acc, sizeof acc);
+    }
+    for (int64_t j = body; j < width; j++)
+        for (int r = 0; r < nr; r++)
+            out[j] += coef[r] * w[r * width + j];
+}
+
+QL_TARGET_CLONES("avx2", "default")
+static void axpys_4(float *out, const float *w, int64_t width, const float *coef) {
+    axpys(out, w, width, QL_FUSED_ROWS, coef);
+}
+
+QL_TARGET_CLONES("avx2", "default")
+static void axpys_1(float *out, const float *w, int64_t width, const float *coef) {
+    axpys(out, w, width, 1, coef);
+}
+
+/* out[i, c] += Σ_n dY[i, n] · W[n, k0 + c] for c < width, i < m (out: row stride k): W's column
+ * slice decoded QL_FUSED_ROWS rows at a time into buf[QL_FUSED_ROWS · width]. */
+static void fused_cols(const qlora_qtensor *w, const code_pairs *pairs, const float *absmax, const float *dyf,
+                       int64_t m, int64_t n_dim, int64_t k, int64_t k0, int64_t width, float *buf, float *out) {
+    for (int64_t n = 0; n < n_dim; n += QL_FUSED_ROWS) {
+        int64_t group = min64(QL_FUSED_ROWS, n_dim - n);
+        for (int64_t r = 0; r < group; r++)
+            decode_range(w, pairs, absmax, (n + r) * k + k0, width, buf + r * width);
+        for (int64_t i = 0; i < m; i++) {
+            const float *coef = dyf + i * n_dim + n;
+            if (group == QL_FUSED_ROWS)
+                axpys_4(out + i * k, buf, width, coef);
+            else
+                for (int64_t r = 0; r < group; r++)
+                    axpys_1(out + i * k, buf + r * width, width, coef + r);
+        }
     }
 }
 
@@ -213,6 +375,8 @@ qlora_status ql_linear_forward_fast(qlora_ctx *ctx, const qlora_qtensor *w, cons
     float *hf[QLORA_LINEAR_MAX_ADAPTERS], *bf[QLORA_LINEAR_MAX_ADAPTERS];
     bf16_to_f32(x, m * k_dim, xf, nt);
     decode_absmax(w, absmax, nt);
+    code_pairs pairs;
+    make_code_pairs(w, &pairs);
 
     /* H = bf16(dropout(X)·Aᵀ): one GEMM per adapter, BLAS-threaded */
     for (int t = 0; t < nterms; t++) {
@@ -240,7 +404,6 @@ qlora_status ql_linear_forward_fast(qlora_ctx *ctx, const qlora_qtensor *w, cons
         float *wt = tiles + (size_t)me * padded(rows * k_dim);
         float *out = outs + (size_t)me * padded(m * rows);
         int64_t n0 = tile * rows, cols = min64(rows, n_dim - n0);
-        decode_range(w, absmax, n0 * k_dim, cols * k_dim, wt);
         float beta = 0.0f;
         for (int t = 0; t < nterms; t++) {
             int r = terms[t].rank;
@@ -248,11 +411,13 @@ qlora_status ql_linear_forward_fast(qlora_ctx *ctx, const qlora_qtensor *w, cons
                         bf[t] + n0 * r, r, beta, out, (int)cols);
             beta = 1.0f;
         }
-        if (m == 1)
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)cols, (int)k_dim, 1.0f, wt, (int)k_dim, xf, 1, beta, out, 1);
-        else
+        if (m <= QL_FUSED_MAX_M) {
+            fused_rows(w, &pairs, absmax, xf, m, k_dim, n0, cols, beta != 0.0f, wt, out);
+        } else {
+            decode_range(w, &pairs, absmax, n0 * k_dim, cols * k_dim, wt);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, (int)cols, (int)k_dim, 1.0f, xf, (int)k_dim,
                         wt, (int)k_dim, beta, out, (int)cols);
+        }
         for (int64_t i = 0; i < m; i++)
             for (int64_t c = 0; c < cols; c++) {
                 float v = out[i * cols + c];
@@ -332,6 +497,8 @@ qlora_status ql_linear_backward_fast(qlora_ctx *ctx, const qlora_qtensor *w, con
     float *absmax = workspace_take(&ws, w->nblocks);
     float *tiles = workspace_take(&ws, (int64_t)((size_t)nt * padded(n_dim * cols)));
     decode_absmax(w, absmax, nt);
+    code_pairs pairs;
+    make_code_pairs(w, &pairs);
     float beta = 0.0f;
     for (int t = 0; t < nterms; t++) {
         const ql_lora_term *term = &terms[t];
@@ -356,14 +523,18 @@ qlora_status ql_linear_backward_fast(qlora_ctx *ctx, const qlora_qtensor *w, con
         int me = omp_get_thread_num();
         float *wt = tiles + (size_t)me * padded(n_dim * cols);
         int64_t k0 = tile * cols, width = min64(cols, k_dim - k0);
-        for (int64_t n = 0; n < n_dim; n++)
-            decode_range(w, absmax, n * k_dim + k0, width, wt + n * width);
         float *out = dxf + k0;
-        if (m == 1)
-            cblas_sgemv(CblasRowMajor, CblasTrans, (int)n_dim, (int)width, 1.0f, wt, (int)width, dyf, 1, beta, out, 1);
-        else
+        if (m <= QL_FUSED_MAX_M_DX) {
+            if (beta == 0.0f)
+                for (int64_t i = 0; i < m; i++)
+                    memset(out + i * k_dim, 0, (size_t)width * sizeof(float));
+            fused_cols(w, &pairs, absmax, dyf, m, n_dim, k_dim, k0, width, wt, out);
+        } else {
+            for (int64_t n = 0; n < n_dim; n++)
+                decode_range(w, &pairs, absmax, n * k_dim + k0, width, wt + n * width);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)width, (int)n_dim, 1.0f, dyf,
                         (int)n_dim, wt, (int)width, beta, out, (int)k_dim);
+        }
         for (int64_t i = 0; i < m; i++)
             for (int64_t c = 0; c < width; c++)
                 dx[i * k_dim + k0 + c] = ql_f32_to_bf16(out[i * k_dim + c]);
