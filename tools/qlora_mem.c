@@ -111,26 +111,13 @@ static int parse_args(int argc, char **argv, options *o) {
         const char *arg = argv[i];
         if (arg[0] != '-' || arg[1] != '-')
             return tool_usage_error("unexpected argument '%s'", arg);
-        const char *eq = strchr(arg, '=');
-        char name[32];
-        size_t name_len = eq ? (size_t)(eq - arg) : strlen(arg);
-        snprintf(name, sizeof name, "%.*s", (int)(name_len < sizeof name - 1 ? name_len : sizeof name - 1), arg);
-        static const char *const with_value[] = {"--model", "--preset", "--seq", "--batch", "--rank",
-                                                 "--targets", "--grad-checkpointing", "--svg", "--fit"};
-        int takes_value = 0;
-        for (size_t k = 0; k < sizeof with_value / sizeof with_value[0]; k++)
-            takes_value |= !strcmp(name, with_value[k]);
-        const char *value = NULL;
-        if (takes_value) {
-            if (eq)
-                value = eq + 1;
-            else if (i + 1 < argc)
-                value = argv[++i];
-            else
-                return tool_usage_error("option %s needs a value", name);
-        } else if (eq) {
-            return tool_usage_error("option %s takes no value", name);
-        }
+        static const char *const with_value[] = {"--model", "--preset", "--seq", "--batch", "--rank", "--targets",
+                                                 "--grad-checkpointing", "--svg", "--fit", NULL};
+        char name[TOOL_OPTION_NAME_MAX];
+        const char *value;
+        int rc = tool_option(argc, argv, &i, with_value, name, &value);
+        if (rc)
+            return rc;
 
         if (!strcmp(name, "--help")) {
             usage(stdout);

@@ -150,23 +150,12 @@ static int parse_args(int argc, char **argv, options *o) {
             continue;
         }
         /* Options with a value accept "--opt VALUE" and "--opt=VALUE". */
-        const char *value = NULL;
-        char name[32];
-        const char *eq = strchr(arg, '=');
-        size_t name_len = eq ? (size_t)(eq - arg) : strlen(arg);
-        snprintf(name, sizeof name, "%.*s", (int)(name_len < sizeof name - 1 ? name_len : sizeof name - 1), arg);
-        int takes_value = !strcmp(name, "--type") || !strcmp(name, "--blocksize") || !strcmp(name, "--skip") ||
-                          !strcmp(name, "--max-shard-size");
-        if (takes_value) {
-            if (eq)
-                value = eq + 1;
-            else if (i + 1 < argc)
-                value = argv[++i];
-            else
-                return tool_usage_error("option %s needs a value", name);
-        } else if (eq) {
-            return tool_usage_error("option %s takes no value", name);
-        }
+        static const char *const with_value[] = {"--type", "--blocksize", "--skip", "--max-shard-size", NULL};
+        char name[TOOL_OPTION_NAME_MAX];
+        const char *value;
+        int rc = tool_option(argc, argv, &i, with_value, name, &value);
+        if (rc)
+            return rc;
 
         if (!strcmp(name, "--help") || !strcmp(name, "-h")) {
             usage(stdout);
