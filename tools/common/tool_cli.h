@@ -1,6 +1,6 @@
 /*
- * Messages and option splitting of the command-line programs (not part of libqlora): messages go
- * the program's name, set once by tool_cli_init at the start of main.
+ * Messages and option splitting of the command-line programs (not part of libqlora). Messages go
+ * to stderr, each prefixed with the program's name, set once by tool_cli_init at the start of main.
  */
 #ifndef QLORA_TOOL_CLI_H
 #define QLORA_TOOL_CLI_H
