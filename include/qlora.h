@@ -534,7 +534,24 @@ typedef struct qlora_model_load_opts {
     /* Adapter "default" on every decoder linear layer (not lm_head), B = 0 at init so the
      * model's output is unchanged. rank 0: no adapters. Default: qlora_lora_default_params(). */
     qlora_lora_params lora;
+    /* Which decoder linear layers get the adapter: an OR of QLORA_TARGET_* bits.
+     * Default: QLORA_TARGET_ALL_LINEAR (the QLoRA recipe). */
+    uint32_t targets;
 } qlora_model_load_opts;
+
+/* Adapter targets, one bit per decoder projection (PEFT's target_modules names). */
+#define QLORA_TARGET_Q_PROJ    (1u << 0)
+#define QLORA_TARGET_K_PROJ    (1u << 1)
+#define QLORA_TARGET_V_PROJ    (1u << 2)
+#define QLORA_TARGET_O_PROJ    (1u << 3)
+#define QLORA_TARGET_GATE_PROJ (1u << 4)
+#define QLORA_TARGET_UP_PROJ   (1u << 5)
+#define QLORA_TARGET_DOWN_PROJ (1u << 6)
+#define QLORA_TARGET_ATTENTION (QLORA_TARGET_Q_PROJ | QLORA_TARGET_K_PROJ | QLORA_TARGET_V_PROJ | QLORA_TARGET_O_PROJ)
+#define QLORA_TARGET_ALL_LINEAR (QLORA_TARGET_ATTENTION | QLORA_TARGET_GATE_PROJ | QLORA_TARGET_UP_PROJ | \
+                                 QLORA_TARGET_DOWN_PROJ)
+/* The projection name of target bit i ("q_proj" ... "down_proj"), NULL for i outside [0, 7). */
+QLORA_API const char *qlora_target_name(int i);
 
 QLORA_API qlora_model_load_opts qlora_model_load_default_opts(void);
 
@@ -570,6 +587,75 @@ QLORA_API qlora_status qlora_model_linear(qlora_model *model, int64_t layer, con
 QLORA_API qlora_status qlora_model_forward(qlora_model *model, const int32_t *tokens, const int32_t *positions,
                                            const int32_t *seq_start, int64_t T, const int32_t *labels,
                                            float *loss_out, float *logits_out);
+
+/* Enables or disables, in every layer that has it, the adapter called `name` (generation with
+ * the adapter on or off). QLORA_ERR_NOT_FOUND when no layer has it. */
+QLORA_API qlora_status qlora_model_enable_adapter(qlora_model *model, const char *name, int enabled);
+
+/* ---- Training: forward and backward to the adapters. Every weight but the enabled adapters'
+ * A and B is frozen, so the backward computes only what those gradients need.
+ *
+ * Activation checkpointing (on by default). The forward keeps only each decoder layer's input
+ * h_i [T, H] BF16 (category CHECKPOINTS: 2·H bytes per token per layer, plus the final norm's
+ * input); the backward recomputes one layer at a time from h_i, with the same dropout masks
+ * (same rng_stream), keeping that layer's activations (category ACTIVATIONS) only while its
+ * backward runs. Without checkpointing every layer's activations are kept from the forward:
+ * per token per layer, in bytes, 2·(4H + 2·qd + 2·kvd + 3I) + 4·nh + the adapters' H
+ * (2·r per adapted projection), with qd = nh·d, kvd = nkv·d, I = intermediate_size. Both modes
+ * give the same gradients bit for bit. */
+typedef struct qlora_batch {
+    const int32_t *tokens;     /* [T] ids in [0, vocab_size) */
+    const int32_t *positions;  /* [T] or NULL: see qlora_model_forward */
+    const int32_t *seq_start;  /* [T] or NULL: one sequence; see qlora_model_forward */
+    const int32_t *labels;     /* [T] already shifted; -100 ignored */
+    int64_t T;
+} qlora_batch;
+
+typedef struct qlora_train_step_opts {
+    int grad_checkpointing;    /* 1 (default): recompute each layer in backward */
+    uint64_t rng_stream;       /* LoRA dropout stream of this micro-batch (see qlora_linear_fwd_opts) */
+    double loss_denom;         /* > 0: the gradient is that of Σ token losses / loss_denom (e.g. the
+                                  target tokens of all micro-batches of one update); 0 (default):
+                                  of the mean over this batch's target tokens */
+    int64_t loss_chunk_tokens; /* tokens per cross-entropy chunk; 0 (default): 128 */
+} qlora_train_step_opts;
+
+QLORA_API qlora_train_step_opts qlora_train_step_default_opts(void);
+
+typedef struct qlora_train_step_result {
+    double loss_sum;           /* Σ over target tokens of −log p(label) (training mode: dropout on) */
+    int64_t targets;           /* target tokens (labels != -100) */
+} qlora_train_step_result;
+
+/* One micro-batch in training mode (LoRA dropout on): accumulates into the enabled adapters'
+ * gradients (zero them with qlora_optimizer_zero_grad or qlora_linear_zero_grads between
+ * updates). The batch arrays are host memory on every backend. opts NULL: the defaults. */
+QLORA_API qlora_status qlora_model_forward_backward(qlora_model *model, const qlora_batch *batch,
+                                                    const qlora_train_step_opts *opts,
+                                                    qlora_train_step_result *out);
+
+/* ---- Generation with a KV cache: the prompt in one pass, then one token at a time, each
+ * step through the 4-bit decode path with the enabled adapters. */
+typedef struct qlora_generate_opts {
+    int64_t max_new_tokens;    /* 128 */
+    float temperature;         /* 0: greedy (argmax, lowest id on ties); > 0: sampling (1.0) */
+    float top_p;               /* nucleus sampling: the smallest set of most likely tokens whose
+                                  probability reaches top_p (1.0: off); in (0, 1] */
+    uint64_t seed;             /* sampling is reproducible from (seed, prompt) */
+    int32_t eos_id;            /* generation stops after this token; -1: never (default) */
+    /* Called with each new token as it is chosen (NULL: none); returning nonzero stops. */
+    int (*on_token)(int32_t id, void *user);
+    void *user;
+} qlora_generate_opts;
+
+QLORA_API qlora_generate_opts qlora_generate_default_opts(void);
+
+/* Generates after prompt[n_prompt] (n_prompt >= 1), writing at most `cap` new ids to out
+ * (*n_out of them). The cache holds n_prompt + max_new_tokens positions (2·L·nkv·d BF16 per
+ * position, category WORKSPACE, freed before returning). */
+QLORA_API qlora_status qlora_model_generate(qlora_model *model, const int32_t *prompt, int64_t n_prompt,
+                                            const qlora_generate_opts *opts, int32_t *out, int64_t cap,
+                                            int64_t *n_out);
 
 /* ------------------------------------------------- memory accountant report */
 /* The accountant's tables, written like snprintf into buf[cap] (NUL-terminated, truncated when

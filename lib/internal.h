@@ -63,5 +63,10 @@ void ql_copy_name(char *dst, const char *src);
 size_t ql_dtype_nbytes(qlora_dtype dtype, int64_t n, int *overflow);
 /* A printable name for error messages: t->name, or fallback when empty. */
 const char *ql_tensor_label(const qlora_tensor *t, const char *fallback);
+/* Copies bytes between host memory and the context's memory (either side may be either; on a
+ * CPU context a memmove). Synchronous. */
+qlora_status ql_ctx_memcpy(qlora_ctx *ctx, void *dst, const void *src, size_t bytes);
+/* The device index a tensor allocated by ctx lives on (QLORA_DEVICE_HOST on a CPU context). */
+int ql_ctx_tensor_device(const qlora_ctx *ctx);
 
 #endif

@@ -16,7 +16,14 @@ qlora_model_load_opts qlora_model_load_default_opts(void) {
     memset(&o, 0, sizeof o);
     o.quant = qlora_quant_default_params();
     o.lora = qlora_lora_default_params();
+    o.targets = QLORA_TARGET_ALL_LINEAR;
     return o;
+}
+
+const char *qlora_target_name(int i) {
+    static const char *const names[QL_LINEAR_COUNT] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                       "gate_proj", "up_proj", "down_proj"};
+    return i >= 0 && i < QL_LINEAR_COUNT ? names[i] : NULL;
 }
 
 /* Finds `name` and checks its shape: rows x cols (cols 0: a vector of rows). */
@@ -44,9 +51,10 @@ static qlora_status load_dense(qlora_ctx *ctx, const qlora_checkpoint *ck, const
         return ql_fail(QLORA_ERR_DTYPE, "model '%s': tensor '%s' is %s; expected BF16, F16 or F32", dir, name,
                        qlora_dtype_name(t.dtype));
     int64_t n = rows * (cols > 0 ? cols : 1);
-    void *p;
-    QL_CHECK(qlora_alloc(ctx, (size_t)n * 2, 1, QLORA_MEM_DENSE_WEIGHTS, &p));
-    uint16_t *dst = p;
+    /* converted in host memory, then copied to the device on a CUDA context */
+    uint16_t *dst;
+    QL_CHECK(qlora_alloc(ctx, (size_t)n * 2, 0, ctx->cuda ? QLORA_MEM_WORKSPACE : QLORA_MEM_DENSE_WEIGHTS,
+                         (void **)&dst));
     const unsigned char *src = t.data; /* possibly unaligned: read through memcpy */
     for (int64_t i = 0; i < n; i++) {
         if (t.dtype == QLORA_F32) {
@@ -59,7 +67,20 @@ static qlora_status load_dense(qlora_ctx *ctx, const qlora_checkpoint *ck, const
             dst[i] = t.dtype == QLORA_BF16 ? h : ql_f32_to_bf16(ql_f16_to_f32(h));
         }
     }
-    *out = dst;
+    if (!ctx->cuda) {
+        *out = dst;
+        return QLORA_OK;
+    }
+    void *dev = NULL;
+    qlora_status st = qlora_alloc(ctx, (size_t)n * 2, 1, QLORA_MEM_DENSE_WEIGHTS, &dev);
+    if (st == QLORA_OK)
+        st = ql_ctx_memcpy(ctx, dev, dst, (size_t)n * 2);
+    qlora_free(ctx, dst);
+    if (st != QLORA_OK) {
+        qlora_free(ctx, dev);
+        return st;
+    }
+    *out = dev;
     return QLORA_OK;
 }
 
@@ -109,11 +130,11 @@ static qlora_status load_layer(qlora_model *m, const qlora_checkpoint *ck, const
             snprintf(name, sizeof name, "model.layers.%lld.%s.%s.bias", (long long)index, block, shapes[j].name);
             QL_CHECK(load_dense(m->ctx, ck, dir, name, (int64_t)shapes[j].out, 0, &b));
             int64_t n = (int64_t)shapes[j].out;
-            QL_CHECK(qlora_tensor_init(&layer->bias[j], name, QLORA_BF16, 1, &n, b, QLORA_DEVICE_HOST));
+            QL_CHECK(qlora_tensor_init(&layer->bias[j], name, QLORA_BF16, 1, &n, b, ql_ctx_tensor_device(m->ctx)));
             bias = &layer->bias[j];
         }
         QL_CHECK(qlora_linear_create(m->ctx, &layer->weight[j], bias, &layer->linear[j]));
-        if (opts->lora.rank > 0)
+        if (opts->lora.rank > 0 && (opts->targets & (1u << j)))
             QL_CHECK(qlora_linear_add_adapter(layer->linear[j], "default", &opts->lora, NULL));
     }
     return QLORA_OK;
@@ -178,12 +199,12 @@ qlora_status qlora_model_load(qlora_ctx *ctx, const char *dir, const qlora_model
     QL_REQUIRE_ARG(dir != NULL, "dir");
     QL_REQUIRE_ARG(out != NULL, "out");
     *out = NULL;
-    if (qlora_ctx_backend(ctx) != QLORA_BACKEND_CPU)
-        return ql_fail(QLORA_ERR_UNSUPPORTED, "qlora_model_load '%s': the model runs on CPU contexts only (the CUDA "
-                       "model kernels are not written yet)", dir);
     qlora_model_load_opts defaults = qlora_model_load_default_opts();
     if (!opts)
         opts = &defaults;
+    if (opts->lora.rank > 0 && (opts->targets == 0 || (opts->targets & ~QLORA_TARGET_ALL_LINEAR)))
+        return ql_fail(QLORA_ERR_INVALID_ARG, "qlora_model_load: opts->targets 0x%x is not a non-empty set of "
+                       "QLORA_TARGET_* bits", opts->targets);
     if (opts->lora.rank < 0)
         return ql_fail(QLORA_ERR_INVALID_ARG, "qlora_model_load: opts->lora.rank is %d (0: no adapters)",
                        opts->lora.rank);
@@ -244,4 +265,22 @@ qlora_status qlora_model_linear(qlora_model *model, int64_t layer, const char *p
         }
     return ql_fail(QLORA_ERR_NOT_FOUND, "qlora_model_linear: no linear layer '%s' (q_proj, k_proj, v_proj, o_proj, "
                    "gate_proj, up_proj, down_proj)", proj);
+}
+
+qlora_status qlora_model_enable_adapter(qlora_model *model, const char *name, int enabled) {
+    QL_REQUIRE_ARG(model != NULL, "model");
+    QL_REQUIRE_ARG(name != NULL, "name");
+    int found = 0;
+    for (int64_t i = 0; i < model->cfg.num_layers; i++)
+        for (int j = 0; j < QL_LINEAR_COUNT; j++) {
+            qlora_linear *lin = model->layers[i].linear[j];
+            int id;
+            if (qlora_linear_find_adapter(lin, name, &id) != QLORA_OK)
+                continue;
+            QL_CHECK(qlora_linear_adapter_enable(lin, id, enabled));
+            found = 1;
+        }
+    if (!found)
+        return ql_fail(QLORA_ERR_NOT_FOUND, "qlora_model_enable_adapter: no layer has an adapter '%s'", name);
+    return QLORA_OK;
 }

@@ -9,6 +9,10 @@
  * heads, d head_dim, V vocab. ctx gives the thread count and tracks workspace allocations
  * (QLORA_MEM_WORKSPACE, freed before returning). Errors go through ql_fail; nothing prints.
  * The formulas follow /work/shared/spec/formats.md §2 (HF transformers' Llama).
+ *
+ * Backends. On a CUDA context every op runs the kernel of cuda/model_ops_cuda.h instead, and
+ * every pointer argument (activations, weights, ids, labels, positions, seq_start, lse, the
+ * RoPE table) must then be device memory; scalars and results (loss, count) stay on the host.
  */
 #ifndef QLORA_MODEL_OPS_H
 #define QLORA_MODEL_OPS_H
@@ -99,6 +103,14 @@ qlora_status ql_attention_backward(qlora_ctx *ctx, const ql_attn_shape *s, const
                                    const uint16_t *v, const int32_t *seq_start, const float *lse,
                                    const uint16_t *dout, uint16_t *dq, uint16_t *dk, uint16_t *dv);
 
+/* Attention of new tokens against a KV cache (generation): q [tq, nh, d] are the tokens at
+ * positions past .. past+tq-1 of one sequence; k_cache, v_cache [past+tq, nkv, d] hold every
+ * earlier token's keys and values and the new ones. Query i attends keys [0, past+i], with
+ * the same block order and arithmetic as ql_attention_forward, so a prompt run through the
+ * cache gives the forward's bits. No lse (nothing to differentiate). */
+qlora_status ql_attention_decode(qlora_ctx *ctx, const ql_attn_shape *s, const uint16_t *q, const uint16_t *k_cache,
+                                 const uint16_t *v_cache, int64_t past, uint16_t *out);
+
 /* ---------------------------------------------------------------- cross-entropy
  * logits [T, V] float32 = hidden [T, H] · lm_headᵀ ([V, H], BF16), float32 accumulation, not
  * rounded to BF16 (the reference fixtures run in float32). For tests and generation. */
@@ -131,6 +143,10 @@ qlora_status ql_cross_entropy(qlora_ctx *ctx, const ql_xent_args *a, double *los
  * The table is frozen, so there is no backward. */
 qlora_status ql_embedding_forward(qlora_ctx *ctx, const uint16_t *table, int64_t vocab, int64_t hidden_dim,
                                   const int32_t *ids, int64_t tokens, uint16_t *out);
+
+/* ---------------------------------------------------------------- residual add
+ * dst = bf16(dst + src) over n elements: transformers adds the residual in the activation dtype. */
+qlora_status ql_add_bf16(qlora_ctx *ctx, uint16_t *dst, const uint16_t *src, int64_t n);
 
 /* Threads for the ops: ctx->params.num_threads, or OpenMP's default. */
 int ql_ops_threads(const qlora_ctx *ctx);

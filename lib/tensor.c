@@ -111,3 +111,20 @@ qlora_status qlora_tensor_copy(qlora_ctx *ctx, qlora_tensor *dst, const qlora_te
     return ql_fail(QLORA_ERR_INTERNAL, "qlora_tensor_copy: device tensor in a CPU-only build");
 #endif
 }
+
+qlora_status ql_ctx_memcpy(qlora_ctx *ctx, void *dst, const void *src, size_t bytes) {
+    if (bytes == 0)
+        return QLORA_OK;
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda)
+        return ql_cuda_memcpy((ql_cuda_state *)ctx->cuda, dst, src, bytes);
+#else
+    (void)ctx;
+#endif
+    memmove(dst, src, bytes);
+    return QLORA_OK;
+}
+
+int ql_ctx_tensor_device(const qlora_ctx *ctx) {
+    return ctx->cuda ? qlora_ctx_device(ctx) : QLORA_DEVICE_HOST;
+}

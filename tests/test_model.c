@@ -324,10 +324,10 @@ START_TEST(bad_inputs_are_refused) {
     int32_t ids[6] = {5, 9, 127, 128, 3, 0};
     float loss;
     ck_assert_qlora_fails(qlora_model_forward(m, ids, NULL, NULL, 6, NULL, NULL, NULL), QLORA_ERR_INVALID_ARG,
-                          "token 3 has id 128");
+                          "tokens[3] = 128");
     ids[3] = -1;
     ck_assert_qlora_fails(qlora_model_forward(m, ids, NULL, NULL, 6, NULL, NULL, NULL), QLORA_ERR_INVALID_ARG,
-                          "token 3 has id -1");
+                          "tokens[3] = -1");
     ids[3] = 4;
     int32_t labels[6] = {9, 127, 4, 3, 0, 200};
     ck_assert_qlora_fails(qlora_model_forward(m, ids, NULL, NULL, 6, labels, &loss, NULL), QLORA_ERR_INVALID_ARG,
@@ -350,6 +350,148 @@ START_TEST(bad_inputs_are_refused) {
 }
 END_TEST
 
+/* Sets every "default" adapter's B to small nonzero values so the adapters change the output. */
+static void perturb_adapters(qlora_model *m) {
+    qlora_model_config cfg;
+    ck_assert_qlora_ok(qlora_model_get_config(m, &cfg));
+    tu_rng rng;
+    tu_rng_init(&rng, tu_seed() ^ 0x5eed);
+    for (int64_t l = 0; l < cfg.num_layers; l++)
+        for (int j = 0; j < 7; j++) {
+            qlora_linear *lin;
+            qlora_tensor b;
+            int id;
+            ck_assert_qlora_ok(qlora_model_linear(m, l, qlora_target_name(j), &lin));
+            if (qlora_linear_find_adapter(lin, "default", &id) != QLORA_OK)
+                continue;
+            ck_assert_qlora_ok(qlora_linear_adapter_tensors(lin, id, NULL, &b, NULL, NULL));
+            int64_t n = qlora_tensor_numel(&b);
+            float *x = malloc((size_t)n * sizeof *x);
+            tu_fill_normal(&rng, x, n, 0.5f);
+            void *bf = tu_to_dtype(x, n, QLORA_BF16);
+            memcpy(b.data, bf, (size_t)n * 2);
+            free(bf);
+            free(x);
+        }
+}
+
+typedef struct stop_after {
+    int calls, limit;
+} stop_after;
+
+static int count_tokens(int32_t id, void *user) {
+    stop_after *s = user;
+    (void)id;
+    return ++s->calls >= s->limit;
+}
+
+/* Greedy generation through the KV cache picks, at every step, the argmax of the full forward
+ * over prompt + generated tokens (same bits: the cache path does the forward's arithmetic). */
+static void generation_on(const tu_backend *backend) {
+    qlora_ctx *ctx = tu_ctx(backend);
+    qlora_model *m = load_model(ctx, 8);
+    perturb_adapters(m);
+    enum { P = 5, N = 24, V = 128 };
+    int32_t all[P + N] = {1, 17, 33, 90, 4};
+    int64_t n = 0;
+    qlora_generate_opts o = qlora_generate_default_opts();
+    o.temperature = 0.0f;
+    o.max_new_tokens = N;
+    ck_assert_qlora_ok(qlora_model_generate(m, all, P, &o, all + P, N, &n));
+    ck_assert_int_eq(n, N);
+    static float logits[(P + N) * V];
+    ck_assert_qlora_ok(qlora_model_forward(m, all, NULL, NULL, P + N, NULL, NULL, logits));
+    for (int t = P - 1; t < P + N - 1; t++) {
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (logits[t * V + v] > logits[t * V + best])
+                best = v;
+        ck_assert_msg(best == all[t + 1], "step %d: generated %d, forward argmax %d", t - P + 1, all[t + 1], best);
+    }
+    /* a nucleus smaller than any one token's probability is greedy */
+    int32_t again[N];
+    o.temperature = 0.7f;
+    o.top_p = 1e-6f;
+    ck_assert_qlora_ok(qlora_model_generate(m, all, P, &o, again, N, &n));
+    ck_assert_mem_eq(again, all + P, sizeof again);
+    /* sampling: reproducible from the seed, different with another seed */
+    int32_t s1[N], s2[N], s3[N];
+    o.temperature = 1.5f;
+    o.top_p = 0.95f;
+    o.seed = 11;
+    ck_assert_qlora_ok(qlora_model_generate(m, all, P, &o, s1, N, &n));
+    ck_assert_qlora_ok(qlora_model_generate(m, all, P, &o, s2, N, &n));
+    ck_assert_mem_eq(s1, s2, sizeof s1);
+    o.seed = 12;
+    ck_assert_qlora_ok(qlora_model_generate(m, all, P, &o, s3, N, &n));
+    ck_assert_msg(memcmp(s1, s3, sizeof s1) != 0, "seeds 11 and 12 sampled the same %d tokens", N);
+    /* adapters off: the output of the base model, which differs */
+    o.temperature = 0.0f;
+    ck_assert_qlora_ok(qlora_model_enable_adapter(m, "default", 0));
+    ck_assert_qlora_ok(qlora_model_generate(m, all, P, &o, again, N, &n));
+    ck_assert_msg(memcmp(again, all + P, sizeof again) != 0, "disabling the adapters changed nothing");
+    ck_assert_qlora_ok(qlora_model_enable_adapter(m, "default", 1));
+    ck_assert_qlora_fails(qlora_model_enable_adapter(m, "other", 0), QLORA_ERR_NOT_FOUND, "other");
+    /* stopping: at EOS (included), when the callback says so, at the output's capacity */
+    o.eos_id = all[P + 3];
+    ck_assert_qlora_ok(qlora_model_generate(m, all, P, &o, again, N, &n));
+    ck_assert_int_le(n, 4);
+    ck_assert_int_eq(again[n - 1], o.eos_id);
+    o.eos_id = -1;
+    stop_after stop = {0, 5};
+    o.on_token = count_tokens;
+    o.user = &stop;
+    ck_assert_qlora_ok(qlora_model_generate(m, all, P, &o, again, N, &n));
+    ck_assert_int_eq(n, 5);
+    o.on_token = NULL;
+    ck_assert_qlora_ok(qlora_model_generate(m, all, P, &o, again, 3, &n));
+    ck_assert_int_eq(n, 3);
+    /* bad arguments */
+    o.top_p = 0.0f;
+    ck_assert_qlora_fails(qlora_model_generate(m, all, P, &o, again, N, &n), QLORA_ERR_INVALID_ARG, "top_p");
+    o.top_p = 1.0f;
+    o.temperature = -1.0f;
+    ck_assert_qlora_fails(qlora_model_generate(m, all, P, &o, again, N, &n), QLORA_ERR_INVALID_ARG, "temperature");
+    o.temperature = 0.0f;
+    int32_t bad[2] = {3, 500};
+    ck_assert_qlora_fails(qlora_model_generate(m, bad, 2, &o, again, N, &n), QLORA_ERR_INVALID_ARG, "tokens[1]");
+    qlora_model_free(m);
+    qlora_ctx_free(ctx);
+}
+
+START_TEST(generation_matches_forward) {
+    tu_backend b[4];
+    int n = tu_backends(b);
+    for (int i = 0; i < n; i++)
+        generation_on(&b[i]);
+}
+END_TEST
+
+/* Adapter targets: only the chosen projections get an adapter. */
+START_TEST(targets_choose_the_adapted_layers) {
+    tu_backend b[4];
+    tu_backends(b);
+    qlora_ctx *ctx = tu_ctx(&b[0]);
+    qlora_model_load_opts o = qlora_model_load_default_opts();
+    o.lora.rank = 4;
+    o.targets = QLORA_TARGET_Q_PROJ | QLORA_TARGET_V_PROJ | QLORA_TARGET_DOWN_PROJ;
+    qlora_model *m = NULL;
+    ck_assert_qlora_ok(qlora_model_load(ctx, tu_fixture("tiny_llama"), &o, &m));
+    for (int j = 0; j < 7; j++) {
+        qlora_linear *lin;
+        int id;
+        ck_assert_qlora_ok(qlora_model_linear(m, 1, qlora_target_name(j), &lin));
+        int has = qlora_linear_find_adapter(lin, "default", &id) == QLORA_OK;
+        ck_assert_int_eq(has, (o.targets >> j) & 1);
+    }
+    ck_assert_ptr_null(qlora_target_name(7));
+    qlora_model_free(m);
+    o.targets = 1u << 9;
+    ck_assert_qlora_fails(qlora_model_load(ctx, tu_fixture("tiny_llama"), &o, &m), QLORA_ERR_INVALID_ARG, "targets");
+    qlora_ctx_free(ctx);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("model");
     TCase *tc = tcase_create("model");
@@ -359,6 +501,8 @@ int main(void) {
     tcase_add_test(tc, packed_sequences_equal_separate_runs);
     tcase_add_test(tc, adapters_at_init_change_nothing);
     tcase_add_test(tc, bad_inputs_are_refused);
+    tcase_add_test(tc, generation_matches_forward);
+    tcase_add_test(tc, targets_choose_the_adapted_layers);
     suite_add_tcase(s, tc);
     return tu_run_suite(s);
 }
