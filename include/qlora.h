@@ -405,6 +405,8 @@ QLORA_API qlora_status qlora_linear_create(qlora_ctx *ctx, qlora_qtensor *weight
 QLORA_API void qlora_linear_free(qlora_linear *lin);
 QLORA_API int64_t qlora_linear_in_features(const qlora_linear *lin);
 QLORA_API int64_t qlora_linear_out_features(const qlora_linear *lin);
+/* The frozen 4-bit weight the layer references (e.g. to save it after qlora_linear_merge). */
+QLORA_API const qlora_qtensor *qlora_linear_weight(const qlora_linear *lin);
 
 /* Attaches an adapter (enabled) named `name` (1-63 characters, no dots or spaces, unique in the
  * layer, e.g. "default"); params NULL:

@@ -160,6 +160,8 @@ void qlora_linear_free(qlora_linear *lin) {
 int64_t qlora_linear_in_features(const qlora_linear *lin) { return lin ? lin->in : 0; }
 int64_t qlora_linear_out_features(const qlora_linear *lin) { return lin ? lin->out : 0; }
 
+const qlora_qtensor *qlora_linear_weight(const qlora_linear *lin) { return lin ? lin->weight : NULL; }
+
 /* ---- adapters ---- */
 
 /* Writes host bytes into a tensor on the context's device. */
