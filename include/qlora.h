@@ -568,6 +568,8 @@ QLORA_API qlora_status qlora_model_load(qlora_ctx *ctx, const char *dir, const q
                                         qlora_model **out);
 /* Frees the model and everything it allocated. NULL is a no-op. */
 QLORA_API void qlora_model_free(qlora_model *model);
+/* The context the model was loaded on (to copy its tensors, e.g. adapters, with qlora_tensor_copy). */
+QLORA_API qlora_ctx *qlora_model_context(const qlora_model *model);
 /* The model's dimensions as read from config.json. */
 QLORA_API qlora_status qlora_model_get_config(const qlora_model *model, struct qlora_model_config *out);
 /* The linear layer `proj` ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -817,8 +819,10 @@ QLORA_API qlora_status qlora_mem_estimate(const qlora_model_config *cfg, const q
  * parameter is then its rounding), else the BF16 parameter itself, rounded to nearest even.
  *
  * Paging. The state of every parameter is cut into pages of page_bytes: page j of a parameter
- * holds elements [j*E, (j+1)*E) with E = elements_per_page (page_bytes / (4 * states), rounded
- * down to a multiple of 64; states = 2 for m, v, or 3 with a master copy). A page is resident in
+ * holds elements [j*E, (j+1)*E) with E = page_bytes / (4 * states), rounded down to a multiple
+ * of 64 (states = 2 for m, v, or 3 with a master copy). When every parameter is smaller than E,
+ * pages shrink to the largest parameter rounded up to 64 elements (elements_per_page reports
+ * the size in force), so small adapters do not each hold a 2 MiB page. A page is resident in
  * the device pool or evicted to pinned host memory; each step visits the pages in registration
  * order and makes each resident just before its update (and prefetches the next one while it
  * runs, on a copy stream). With gpu_mem_limit at most floor(gpu_mem_limit / page_bytes) pages

@@ -242,6 +242,8 @@ void qlora_model_free(qlora_model *m) {
     free(m);
 }
 
+qlora_ctx *qlora_model_context(const qlora_model *model) { return model ? model->ctx : NULL; }
+
 qlora_status qlora_model_get_config(const qlora_model *model, qlora_model_config *out) {
     QL_REQUIRE_ARG(model != NULL, "model");
     QL_REQUIRE_ARG(out != NULL, "out");

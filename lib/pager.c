@@ -41,7 +41,9 @@ typedef struct ql_slot {
 
 struct ql_pager {
     qlora_ctx *ctx;
-    int64_t elems;          /* E, elements per page */
+    int64_t map_elems;      /* E as configured: page j of a parameter starts at element j·E */
+    int64_t elems;          /* elements a slot or host copy holds: E, or less when every page is
+                               smaller (the largest page rounded up to 64; fixed once the pool exists) */
     int master;
     size_t page_bytes;      /* 4 * E * states: what one page copy moves */
     uint64_t max_slots;     /* 0 = no limit */
@@ -79,7 +81,7 @@ qlora_status ql_pager_create(qlora_ctx *ctx, int64_t elems_per_page, int master,
     if (!p)
         return ql_fail(QLORA_ERR_OUT_OF_MEMORY, "optimizer pager: out of host memory");
     p->ctx = ctx;
-    p->elems = elems_per_page;
+    p->map_elems = p->elems = elems_per_page;
     p->master = master != 0;
     p->page_bytes = (size_t)elems_per_page * sizeof(float) * (size_t)(p->master ? 3 : 2);
     p->max_slots = max_slots;
@@ -131,7 +133,8 @@ qlora_status ql_pager_add(ql_pager *p, const uint16_t *param, int64_t n, int64_t
     QL_REQUIRE_ARG(p != NULL, "pager");
     QL_REQUIRE_ARG(param != NULL, "param");
     QL_REQUIRE_ARG(n > 0, "n");
-    int64_t count = (n + p->elems - 1) / p->elems;
+    const int64_t E = p->map_elems;
+    int64_t count = (n + E - 1) / E;
     if (p->npages + count > p->pages_cap) {
         int64_t cap = p->pages_cap ? p->pages_cap : 64;
         while (cap < p->npages + count)
@@ -146,11 +149,24 @@ qlora_status ql_pager_add(ql_pager *p, const uint16_t *param, int64_t n, int64_t
     *first_page = p->npages;
     for (int64_t j = 0; j < count; j++) {
         ql_page *pg = &p->pages[p->npages++];
-        int64_t begin = j * p->elems;
+        int64_t begin = j * E;
         pg->param = param + begin;
-        pg->count = n - begin < p->elems ? n - begin : p->elems;
+        pg->count = n - begin < E ? n - begin : E;
         pg->slot = -1;
         pg->host = NULL;
+    }
+    /* Small parameters (LoRA adapters of small models) would each pay for a whole page:
+     * storage shrinks to the largest page while nothing is stored yet. */
+    int64_t largest = 0;
+    for (int64_t k = 0; k < p->npages; k++)
+        largest = p->pages[k].count > largest ? p->pages[k].count : largest;
+    largest = (largest + 63) / 64 * 64;
+    int64_t want = largest < E ? largest : E;
+    if (p->nslots == 0 && p->page_outs == 0) {
+        p->elems = want;
+        p->page_bytes = (size_t)want * sizeof(float) * (size_t)(p->master ? 3 : 2);
+    } else if (want > p->elems) {
+        return ql_fail(QLORA_ERR_INTERNAL, "optimizer pager: a parameter was added after the pool was built");
     }
     return QLORA_OK;
 }
