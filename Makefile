@@ -10,7 +10,7 @@ CMAKE_FLAGS ?=
 DEB_PACKAGES := build-essential cmake pkg-config check libsubunit-dev libcjson-dev libopenblas-openmp-dev libpcre2-dev \
                 libutf8proc-dev
 
-.PHONY: all deps build test test-asan demo bench gpu-check install clean
+.PHONY: all deps build test test-asan finetune demo bench gpu-check install clean
 
 all: build
 
@@ -43,6 +43,13 @@ test-asan:
 # The main job until qlora-ft exists: make a small random Llama-style model, quantize it to
 # NF4 + double quantization in the bitsandbytes layout and back to BF16, then estimate what
 # finetuning Llama-7B takes in each regime (table + demo/memory-llama-7b.svg).
+# The main job: qlora-ft finetunes its embedded default model on its embedded data (output in
+# qlora-out/: the PEFT adapter, checkpoints, loss.svg, metrics.jsonl), then tries the adapter.
+finetune: build
+	$(BUILD)/bin/qlora-ft --out qlora-out --metrics qlora-out/metrics.jsonl
+	$(BUILD)/bin/qlora-ft generate --adapter qlora-out/adapter --template alpaca --temperature 0 \
+	  --max-new 40 --prompt "What is 17 plus 25?"
+
 demo: build
 	rm -rf demo && mkdir -p demo
 	$(BUILD)/bin/make-example-model demo/model
@@ -61,4 +68,4 @@ install: build
 	cmake --install $(BUILD)
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD) demo
+	rm -rf $(BUILD) $(ASAN_BUILD) demo qlora-out
