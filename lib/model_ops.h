@@ -13,6 +13,9 @@
  * Backends. On a CUDA context every op runs the kernel of cuda/model_ops_cuda.h instead, and
  * every pointer argument (activations, weights, ids, labels, positions, seq_start, lse, the
  * RoPE table) must then be device memory; scalars and results (loss, count) stay on the host.
+ * There, positions and seq_start are not read on the host: the caller validates them before
+ * copying them over (the model does); ids and labels are checked on the device, and a bad one
+ * fails naming its token as on the CPU.
  */
 #ifndef QLORA_MODEL_OPS_H
 #define QLORA_MODEL_OPS_H

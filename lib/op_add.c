@@ -2,6 +2,9 @@
 #include "model_ops.h"
 
 #include "half.h"
+#ifdef QLORA_HAVE_CUDA
+#include "model_ops_cuda.h"
+#endif
 
 #define QL_ADD_PARALLEL_MIN (1 << 15)
 
@@ -9,6 +12,10 @@ qlora_status ql_add_bf16(qlora_ctx *ctx, uint16_t *dst, const uint16_t *src, int
     QL_REQUIRE_ARG(ctx != NULL, "ctx");
     QL_REQUIRE_ARG(dst != NULL && src != NULL, "dst/src");
     QL_REQUIRE_ARG(n >= 0, "n");
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda)
+        return ql_cuda_add_bf16((ql_cuda_state *)ctx->cuda, dst, src, n);
+#endif
     int nt = ql_ops_threads(ctx);
 #pragma omp parallel for schedule(static) num_threads(nt) if (n >= QL_ADD_PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++)

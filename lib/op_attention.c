@@ -14,8 +14,11 @@
 #include <string.h>
 
 #include "half.h"
+#ifdef QLORA_HAVE_CUDA
+#include "model_ops_cuda.h"
+#endif
 
-static qlora_status check_shape(const qlora_ctx *ctx, const ql_attn_shape *s, const int32_t *seq_start) {
+static qlora_status check_shape(const qlora_ctx *ctx, const ql_attn_shape *s) {
     QL_REQUIRE_ARG(ctx != NULL && s != NULL, "ctx/shape");
     QL_REQUIRE_ARG(s->tokens >= 0, "tokens");
     if (s->heads <= 0 || s->kv_heads <= 0 || s->heads % s->kv_heads != 0)
@@ -24,6 +27,11 @@ static qlora_status check_shape(const qlora_ctx *ctx, const ql_attn_shape *s, co
     if (s->head_dim <= 0 || s->head_dim > QL_ATTN_MAX_HEAD_DIM)
         return ql_fail(QLORA_ERR_UNSUPPORTED, "attention: head_dim %d outside [1, %d]", s->head_dim,
                        QL_ATTN_MAX_HEAD_DIM);
+    return QLORA_OK;
+}
+
+/* Reads seq_start on the host: CPU contexts only (on a CUDA context the caller validated it). */
+static qlora_status check_seq_start(const ql_attn_shape *s, const int32_t *seq_start) {
     if (seq_start == NULL)
         return QLORA_OK;
     for (int64_t t = 0; t < s->tokens; t++) {
@@ -73,8 +81,14 @@ static qlora_status alloc_f32(qlora_ctx *ctx, int count, const int64_t *sizes, f
 
 qlora_status ql_attention_forward(qlora_ctx *ctx, const ql_attn_shape *s, const uint16_t *q, const uint16_t *k,
                                   const uint16_t *v, const int32_t *seq_start, uint16_t *out, float *lse) {
-    QL_CHECK(check_shape(ctx, s, seq_start));
+    QL_CHECK(check_shape(ctx, s));
     QL_REQUIRE_ARG(q != NULL && k != NULL && v != NULL && out != NULL && lse != NULL, "q/k/v/out/lse");
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda)
+        return ql_cuda_attention_forward((ql_cuda_state *)ctx->cuda, s->tokens, s->heads, s->kv_heads, s->head_dim, q,
+                                         k, v, seq_start, out, lse);
+#endif
+    QL_CHECK(check_seq_start(s, seq_start));
     const int64_t T = s->tokens;
     const int nh = s->heads, nkv = s->kv_heads, d = s->head_dim, group = nh / nkv;
     const float scale = 1.0f / sqrtf((float)d);
@@ -127,9 +141,15 @@ qlora_status ql_attention_forward(qlora_ctx *ctx, const ql_attn_shape *s, const 
 qlora_status ql_attention_backward(qlora_ctx *ctx, const ql_attn_shape *s, const uint16_t *q, const uint16_t *k,
                                    const uint16_t *v, const int32_t *seq_start, const float *lse,
                                    const uint16_t *dout, uint16_t *dq, uint16_t *dk, uint16_t *dv) {
-    QL_CHECK(check_shape(ctx, s, seq_start));
+    QL_CHECK(check_shape(ctx, s));
     QL_REQUIRE_ARG(q != NULL && k != NULL && v != NULL && lse != NULL && dout != NULL, "q/k/v/lse/dout");
     QL_REQUIRE_ARG(dq != NULL && dk != NULL && dv != NULL, "dq/dk/dv");
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda)
+        return ql_cuda_attention_backward((ql_cuda_state *)ctx->cuda, s->tokens, s->heads, s->kv_heads, s->head_dim,
+                                          q, k, v, seq_start, lse, dout, dq, dk, dv);
+#endif
+    QL_CHECK(check_seq_start(s, seq_start));
     const int64_t T = s->tokens;
     const int nh = s->heads, nkv = s->kv_heads, d = s->head_dim, group = nh / nkv;
     const float scale = 1.0f / sqrtf((float)d);

@@ -12,6 +12,9 @@
 #include <string.h>
 
 #include "half.h"
+#ifdef QLORA_HAVE_CUDA
+#include "model_ops_cuda.h"
+#endif
 
 #define QL_XENT_DEFAULT_CHUNK 128
 /* float32 bytes of one decoded lm_head tile */
@@ -92,6 +95,10 @@ qlora_status ql_lm_head_logits(qlora_ctx *ctx, const uint16_t *hidden, const uin
                                int64_t hidden_dim, int64_t vocab, float *logits) {
     QL_CHECK(check_dims(ctx, hidden, lm_head, tokens, hidden_dim, vocab));
     QL_REQUIRE_ARG(logits != NULL, "logits");
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda)
+        return ql_cuda_lm_head_logits((ql_cuda_state *)ctx->cuda, hidden, lm_head, tokens, hidden_dim, vocab, logits);
+#endif
     int nt = ql_ops_threads(ctx);
     int64_t chunk = tokens < QL_XENT_DEFAULT_CHUNK ? (tokens > 0 ? tokens : 1) : QL_XENT_DEFAULT_CHUNK;
     xent_ws ws;
@@ -130,6 +137,18 @@ qlora_status ql_cross_entropy(qlora_ctx *ctx, const ql_xent_args *a, double *los
     QL_REQUIRE_ARG(a->chunk_tokens >= 0, "chunk_tokens");
     QL_REQUIRE_ARG(a->denom >= 0.0 && isfinite(a->denom), "denom");
     const int64_t T = a->tokens, H = a->hidden_dim, V = a->vocab;
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda) { /* labels on the device: the launcher validates and counts them */
+        double sum = 0.0;
+        int64_t n_valid = 0;
+        QL_CHECK(ql_cuda_cross_entropy((ql_cuda_state *)ctx->cuda, a->hidden, a->lm_head, a->labels, T, H, V,
+                                       a->chunk_tokens, a->denom, &sum, &n_valid, dhidden));
+        if (count)
+            *count = n_valid;
+        *loss = n_valid == 0 ? 0.0 : sum / (a->denom > 0.0 ? a->denom : (double)n_valid);
+        return QLORA_OK;
+    }
+#endif
     int64_t valid = 0;
     for (int64_t t = 0; t < T; t++) {
         int32_t y = a->labels[t];

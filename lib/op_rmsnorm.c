@@ -7,6 +7,9 @@
 #include <math.h>
 
 #include "half.h"
+#ifdef QLORA_HAVE_CUDA
+#include "model_ops_cuda.h"
+#endif
 
 /* Below this many elements the work runs on one thread (a parallel region costs more). */
 #define QL_RMSNORM_PARALLEL_MIN (1 << 14)
@@ -36,6 +39,10 @@ static qlora_status check_args(const qlora_ctx *ctx, const void *x, const uint16
 qlora_status ql_rmsnorm_forward(qlora_ctx *ctx, const uint16_t *x, const uint16_t *weight, int64_t rows,
                                 int64_t dim, float eps, uint16_t *y) {
     QL_CHECK(check_args(ctx, x, weight, rows, dim, eps, y));
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda)
+        return ql_cuda_rmsnorm_forward((ql_cuda_state *)ctx->cuda, x, weight, rows, dim, eps, y);
+#endif
     int nt = ql_ops_threads(ctx);
 #pragma omp parallel for schedule(static) num_threads(nt) if (rows * dim >= QL_RMSNORM_PARALLEL_MIN)
     for (int64_t r = 0; r < rows; r++) {
@@ -54,6 +61,10 @@ qlora_status ql_rmsnorm_backward(qlora_ctx *ctx, const uint16_t *x, const uint16
                                  int64_t rows, int64_t dim, float eps, uint16_t *dx) {
     QL_CHECK(check_args(ctx, x, weight, rows, dim, eps, dx));
     QL_REQUIRE_ARG(dy != NULL, "dy");
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda)
+        return ql_cuda_rmsnorm_backward((ql_cuda_state *)ctx->cuda, x, weight, dy, rows, dim, eps, dx);
+#endif
     int nt = ql_ops_threads(ctx);
 #pragma omp parallel for schedule(static) num_threads(nt) if (rows * dim >= QL_RMSNORM_PARALLEL_MIN)
     for (int64_t r = 0; r < rows; r++) {

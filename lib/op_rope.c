@@ -9,6 +9,9 @@
 #include <math.h>
 
 #include "half.h"
+#ifdef QLORA_HAVE_CUDA
+#include "model_ops_cuda.h"
+#endif
 
 #define QL_ROPE_PARALLEL_MIN (1 << 15)
 
@@ -88,6 +91,20 @@ qlora_status ql_rope_table_init(qlora_ctx *ctx, const ql_rope_params *p, int64_t
             buf[n + pos * half + j] = ql_f32_to_bf16(sinf(angle));
         }
     }
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda) { /* the ops read the table on the device: computed here, copied there */
+        uint16_t *dev = NULL;
+        qlora_status st = qlora_alloc(ctx, 2 * n * sizeof(uint16_t), 1, QLORA_MEM_WORKSPACE, (void **)&dev);
+        if (st == QLORA_OK)
+            st = ql_cuda_memcpy((ql_cuda_state *)ctx->cuda, dev, buf, 2 * n * sizeof(uint16_t));
+        qlora_free(ctx, buf);
+        if (st != QLORA_OK) {
+            qlora_free(ctx, dev);
+            return st;
+        }
+        buf = dev;
+    }
+#endif
     out->positions = positions;
     out->half = half;
     out->cos = buf;
@@ -107,6 +124,11 @@ static qlora_status check_apply(const qlora_ctx *ctx, const ql_rope_table *t, co
     QL_REQUIRE_ARG(ctx != NULL && t != NULL && t->cos != NULL, "ctx/table");
     QL_REQUIRE_ARG(pos != NULL && x != NULL, "pos/x");
     QL_REQUIRE_ARG(tokens >= 0 && heads > 0, "tokens/heads");
+    return QLORA_OK;
+}
+
+/* Reads pos on the host: CPU contexts only (on a CUDA context the caller validated them). */
+static qlora_status check_positions(const ql_rope_table *t, const int32_t *pos, int64_t tokens) {
     for (int64_t i = 0; i < tokens; i++)
         if (pos[i] < 0 || pos[i] >= t->positions)
             return ql_fail(QLORA_ERR_INVALID_ARG, "rope: token %lld has position %d outside the table [0, %lld)",
@@ -119,6 +141,11 @@ static float mul_bf16(float a, float b) { return ql_bf16_to_f32(ql_f32_to_bf16(a
 qlora_status ql_rope_forward(qlora_ctx *ctx, const ql_rope_table *t, const int32_t *pos, int64_t tokens, int heads,
                              uint16_t *x) {
     QL_CHECK(check_apply(ctx, t, pos, tokens, heads, x));
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda)
+        return ql_cuda_rope_forward((ql_cuda_state *)ctx->cuda, t->cos, t->sin, t->half, pos, tokens, heads, x);
+#endif
+    QL_CHECK(check_positions(t, pos, tokens));
     int half = t->half, nt = ql_ops_threads(ctx);
 #pragma omp parallel for schedule(static) num_threads(nt) if (tokens * heads * half >= QL_ROPE_PARALLEL_MIN)
     for (int64_t i = 0; i < tokens; i++) {
@@ -140,6 +167,11 @@ qlora_status ql_rope_forward(qlora_ctx *ctx, const ql_rope_table *t, const int32
 qlora_status ql_rope_backward(qlora_ctx *ctx, const ql_rope_table *t, const int32_t *pos, int64_t tokens, int heads,
                               uint16_t *dx) {
     QL_CHECK(check_apply(ctx, t, pos, tokens, heads, dx));
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda)
+        return ql_cuda_rope_backward((ql_cuda_state *)ctx->cuda, t->cos, t->sin, t->half, pos, tokens, heads, dx);
+#endif
+    QL_CHECK(check_positions(t, pos, tokens));
     int half = t->half, nt = ql_ops_threads(ctx);
 #pragma omp parallel for schedule(static) num_threads(nt) if (tokens * heads * half >= QL_ROPE_PARALLEL_MIN)
     for (int64_t i = 0; i < tokens; i++) {

@@ -7,6 +7,9 @@
 #include <math.h>
 
 #include "half.h"
+#ifdef QLORA_HAVE_CUDA
+#include "model_ops_cuda.h"
+#endif
 
 #define QL_SWIGLU_PARALLEL_MIN (1 << 15)
 
@@ -16,6 +19,10 @@ qlora_status ql_swiglu_forward(qlora_ctx *ctx, const uint16_t *gate, const uint1
     QL_REQUIRE_ARG(ctx != NULL, "ctx");
     QL_REQUIRE_ARG(gate != NULL && up != NULL && out != NULL, "gate/up/out");
     QL_REQUIRE_ARG(n >= 0, "n");
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda)
+        return ql_cuda_swiglu_forward((ql_cuda_state *)ctx->cuda, gate, up, n, out);
+#endif
     int nt = ql_ops_threads(ctx);
 #pragma omp parallel for schedule(static) num_threads(nt) if (n >= QL_SWIGLU_PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) {
@@ -32,6 +39,10 @@ qlora_status ql_swiglu_backward(qlora_ctx *ctx, const uint16_t *gate, const uint
     QL_REQUIRE_ARG(gate != NULL && up != NULL && dout != NULL && dgate != NULL && dup != NULL,
                    "gate/up/dout/dgate/dup");
     QL_REQUIRE_ARG(n >= 0, "n");
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda)
+        return ql_cuda_swiglu_backward((ql_cuda_state *)ctx->cuda, gate, up, dout, n, dgate, dup);
+#endif
     int nt = ql_ops_threads(ctx);
 #pragma omp parallel for schedule(static) num_threads(nt) if (n >= QL_SWIGLU_PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) {

@@ -158,14 +158,22 @@ int ft_train_parse(int argc, char **argv, ft_train_opts *o, int *help) {
         }
         static const char *const flags[] = {"--help", "-h", "--rslora", "--packing", "--resume", "--train-on-prompt",
                                             "--skip-bad-lines", "--no-grad-checkpointing", NULL};
-        int is_flag = 0;
+        static const char *const valued[] = {
+            "--model", "--data", "--out", "--metrics", "--format", "--device", "--rank", "--alpha", "--dropout",
+            "--targets", "--lr", "--schedule", "--warmup-ratio", "--max-grad-norm", "--weight-decay", "--batch",
+            "--micro-batch", "--seq", "--steps", "--epochs", "--eval-split", "--eval-every", "--save-every",
+            "--seed", "--gpu-mem-limit", "--threads", NULL};
+        int is_flag = 0, is_valued = 0;
         for (int f = 0; flags[f]; f++)
             is_flag |= strcmp(opt, flags[f]) == 0;
+        for (int f = 0; valued[f]; f++)
+            is_valued |= strcmp(opt, valued[f]) == 0;
+        if (!is_flag && !is_valued)
+            return usage_error(strncmp(opt, "--", 2) ? "unexpected argument '%s'%s" : "unknown option '%s'%s", opt,
+                               "");
         if (is_flag && val)
             return usage_error("%s takes no value%s", opt, "");
         if (!is_flag && !val) {
-            if (strncmp(opt, "--", 2) != 0)
-                return usage_error("unexpected argument '%s'%s", opt, "");
             if (i + 1 >= argc)
                 return usage_error("%s needs a value%s", opt, "");
             val = argv[++i];
