@@ -73,6 +73,12 @@ expect_exit 2 "unknown command" "$ft" fly
 expect_exit 2 "--prompt" "$ft" generate --adapter "$work/a/adapter"
 printf '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n' >"$work/bad.jsonl"
 expect_exit 1 "bad.jsonl:2" "$ft" train --model "$work/a/base-model" --data "$work/bad.jsonl" --out "$work/d" --steps 1
+expect_exit 1 "cannot create the output directory" "$ft" --out "$work/a.jsonl/sub" --steps 1
+printf '{"instruction": "What is 1 plus 1?", "output": "2."}\nnot json\n' >"$work/skip.jsonl"
+for _ in $(seq 20); do printf '{"instruction": "What is 1 plus 1?", "output": "1 plus 1 is 2."}\n' >>"$work/skip.jsonl"; done
+"$ft" train --model "$work/a/base-model" --data "$work/skip.jsonl" --out "$work/e" --steps 1 --batch 1 --seq 64 \
+    --rank 4 --skip-bad-lines 2>"$work/e.log" || fail "--skip-bad-lines: $(cat "$work/e.log")"
+grep -q "skip.jsonl:2" "$work/e.log" || fail "skipped line not reported: $(cat "$work/e.log")"
 "$ft" --help | grep -q "qlora-ft train" || fail "--help"
 "$ft" train --help | grep -q -- "--micro-batch" || fail "train --help"
 echo "cli_ft: ok"

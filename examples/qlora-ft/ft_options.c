@@ -36,7 +36,7 @@ void ft_train_embedded_defaults(ft_train_opts *o) {
     o->batch = 8;
     o->micro_batch = 4;
     o->seq = 128;
-    o->steps = 60;
+    o->steps = 100;
     o->eval_split = 0.05;
     o->eval_every = 20;
     o->save_every = 20;

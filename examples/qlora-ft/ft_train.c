@@ -109,6 +109,10 @@ static int load_data(run *r) {
                                    r->tok, &d, &r->train, r->err, sizeof r->err);
     if (rc != 0)
         return fail(r, "cannot load the data");
+    if (r->train.skipped > 0)
+        fprintf(stderr, "warning: %lld malformed records skipped (--skip-bad-lines); the first: %s\n",
+                (long long)r->train.skipped, r->err);
+    r->err[0] = '\0';
     if (ft_dataset_split(&r->train, o->eval_split, o->seed, &r->eval, r->err, sizeof r->err) != 0)
         return fail(r, "cannot split the data");
     fprintf(stderr, "data: %lld training and %lld evaluation examples (%s), %lld tokens, %lld truncated to %lld "
@@ -344,6 +348,15 @@ static int evaluate(run *r, double *loss) {
     return rc;
 }
 
+/* Where data-parallel training joins the loop: with several processes each one accumulates its
+ * own micro-batches, and this is the single place that sums the adapters' gradients (an NCCL
+ * all-reduce over the tensors registered with the optimizer) and the step's loss, target and
+ * token counts across them; the loss normalisation (loss_denom) then uses the global target
+ * count, agreed on before the micro-batches run. One process has nothing to add. */
+static void reduce_step(run *r, double *loss_sum, int64_t *targets, int64_t *tokens) {
+    (void)r, (void)loss_sum, (void)targets, (void)tokens;
+}
+
 static int train_step(run *r, ft_step_info *info) {
     const ft_train_opts *o = r->o;
     int64_t targets = 0, tokens = 0;
@@ -368,6 +381,7 @@ static int train_step(run *r, ft_step_info *info) {
             return lib_fail(r, "forward/backward failed");
         loss_sum += res.loss_sum;
     }
+    reduce_step(r, &loss_sum, &targets, &tokens);
     qlora_step_report rep;
     if (qlora_optimizer_step(r->opt, 1.0, &rep) != QLORA_OK)
         return lib_fail(r, "optimizer step failed");
