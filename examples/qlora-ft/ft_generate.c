@@ -22,6 +22,8 @@ static void usage(FILE *f) {
           "  --template NAME    none (default: the prompt as given), alpaca (the instruction template of\n"
           "                     the alpaca data format), chat (one human turn)\n"
           "  --no-adapter       load the adapter's base but generate without it (to compare)\n"
+          "  --dump-logits FILE also write the prompt's logits (F32 [T, V], tensor \"logits\", and its\n"
+          "                     \"input_ids\") to a safetensors file, for tests/interop/check_peft_adapter.py\n"
           "  --device NAME      auto, cpu, cuda\n"
           "\n"
           "Exit codes: 0 done, 1 failure, 2 usage error.\n",
@@ -97,8 +99,37 @@ static char *templated(const char *prompt, const char *name, char *why, size_t c
     return out;
 }
 
+/* The prompt's logits, as tests/interop/check_peft_adapter.py compares them with PEFT's. */
+static int dump_logits(qlora_model *model, const int32_t *ids, int64_t n, const char *path) {
+    qlora_model_config cfg;
+    qlora_model_get_config(model, &cfg);
+    float *logits = malloc((size_t)(n * cfg.vocab_size) * sizeof *logits);
+    qlora_st_writer *w = NULL;
+    int64_t shape[2] = {n, cfg.vocab_size};
+    qlora_status st = logits ? qlora_model_forward(model, ids, NULL, NULL, n, NULL, NULL, logits) : QLORA_ERR_OUT_OF_MEMORY;
+    if (st == QLORA_OK)
+        st = qlora_st_writer_open(path, 0, &w);
+    if (st == QLORA_OK && (qlora_st_writer_declare(w, "input_ids", QLORA_I32, 1, &n) != QLORA_OK ||
+                           qlora_st_writer_declare(w, "logits", QLORA_F32, 2, shape) != QLORA_OK ||
+                           qlora_st_writer_write(w, "input_ids", ids, (size_t)n * sizeof *ids) != QLORA_OK ||
+                           qlora_st_writer_write(w, "logits", logits, (size_t)(n * cfg.vocab_size) * 4) != QLORA_OK)) {
+        qlora_st_writer_abort(w);
+        w = NULL;
+        st = QLORA_ERR_IO;
+    }
+    if (w)
+        st = qlora_st_writer_commit(w);
+    free(logits);
+    if (st != QLORA_OK) {
+        fprintf(stderr, "qlora-ft generate: --dump-logits %s: %s\n", path, logits ? qlora_last_error() : "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
 int ft_generate_main(int argc, char **argv) {
     const char *model_dir = NULL, *adapter_dir = NULL, *prompt = NULL, *device = "auto", *template = "none";
+    const char *logits_path = NULL;
     qlora_generate_opts g = qlora_generate_default_opts();
     g.temperature = 0.7f;
     g.top_p = 0.9f;
@@ -126,6 +157,8 @@ int ft_generate_main(int argc, char **argv) {
             prompt = v;
         } else if (!strcmp(o, "--device")) {
             device = v;
+        } else if (!strcmp(o, "--dump-logits")) {
+            logits_path = v;
         } else if (!strcmp(o, "--template")) {
             if (strcmp(v, "none") && strcmp(v, "alpaca") && strcmp(v, "chat"))
                 return usage_error("--template must be none, alpaca or chat, not ", v);
@@ -233,6 +266,8 @@ int ft_generate_main(int argc, char **argv) {
     g.on_token = print_token;
     g.user = &s;
     int64_t n_out = 0;
+    if (logits_path && n_ids > 0 && dump_logits(model, ids, (int64_t)n_ids, logits_path) != 0)
+        goto done;
     if (n_ids == 0) {
         fprintf(stderr, "qlora-ft generate: the prompt encodes to no tokens\n");
         goto done;
