@@ -4,6 +4,7 @@
  * the file against the model before it writes any, so a bad file leaves the model unchanged.
  * On a CUDA context the adapter tensors live on the GPU and travel through host buffers.
  */
+#include "ft_error.h"
 #include "ft_adapter.h"
 #include "ft_fs.h"
 #include "ft_half.h"
@@ -16,15 +17,6 @@
 #define FT_TARGET_COUNT 7
 #define FT_ADAPTER_FILE "adapter_model.safetensors"
 
-static int fail(char *err, size_t cap, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    if (err && cap)
-        vsnprintf(err, cap, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-
 void ft_adapter_key(int64_t layer, int proj, char which, char *out, size_t cap) {
     snprintf(out, cap, "base_model.model.model.layers.%lld.%s.%s.lora_%c.weight", (long long)layer,
              proj < 4 ? "self_attn" : "mlp", qlora_target_name(proj), which);
@@ -36,12 +28,12 @@ static int find_adapter(qlora_model *model, int64_t layer, int proj, qlora_linea
     *lin = NULL;
     qlora_linear *l;
     if (qlora_model_linear(model, layer, qlora_target_name(proj), &l) != QLORA_OK)
-        return fail(err, cap, "layer %lld %s: %s", (long long)layer, qlora_target_name(proj), qlora_last_error());
+        return ft_fail(err, cap, "layer %lld %s: %s", (long long)layer, qlora_target_name(proj), qlora_last_error());
     qlora_status st = qlora_linear_find_adapter(l, "default", id);
     if (st == QLORA_ERR_NOT_FOUND)
         return 0;
     if (st != QLORA_OK)
-        return fail(err, cap, "layer %lld %s: %s", (long long)layer, qlora_target_name(proj), qlora_last_error());
+        return ft_fail(err, cap, "layer %lld %s: %s", (long long)layer, qlora_target_name(proj), qlora_last_error());
     *lin = l;
     return 0;
 }
@@ -49,7 +41,7 @@ static int find_adapter(qlora_model *model, int64_t layer, int proj, qlora_linea
 static int num_layers(qlora_model *model, int64_t *n, char *err, size_t cap) {
     qlora_model_config mc;
     if (qlora_model_get_config(model, &mc) != QLORA_OK)
-        return fail(err, cap, "%s", qlora_last_error());
+        return ft_fail(err, cap, "%s", qlora_last_error());
     *n = mc.num_layers;
     return 0;
 }
@@ -69,7 +61,7 @@ static int transfer(qlora_ctx *ctx, const qlora_tensor *t, void *host, int to_ho
     h.data = host;
     h.device = QLORA_DEVICE_HOST;
     qlora_status st = to_host ? qlora_tensor_copy(ctx, &h, &d) : qlora_tensor_copy(ctx, &d, &h);
-    return st == QLORA_OK ? 0 : fail(err, cap, "%s: %s", t->name, qlora_last_error());
+    return st == QLORA_OK ? 0 : ft_fail(err, cap, "%s: %s", t->name, qlora_last_error());
 }
 
 /* --------------------------------------------------------------- saving */
@@ -89,7 +81,7 @@ static int collect(qlora_model *model, const ft_adapter_config *cfg, saved_adapt
         return -1;
     saved_adapter *list = calloc((size_t)layers * FT_TARGET_COUNT + 1, sizeof *list);
     if (!list)
-        return fail(err, cap, "out of memory");
+        return ft_fail(err, cap, "out of memory");
     size_t n = 0;
     for (int64_t i = 0; i < layers; i++)
         for (int j = 0; j < FT_TARGET_COUNT; j++) {
@@ -103,17 +95,17 @@ static int collect(qlora_model *model, const ft_adapter_config *cfg, saved_adapt
             if (!lin && !wanted)
                 continue;
             if (!lin || !wanted) {
-                fail(err, cap, "layer %lld %s %s an adapter \"default\" but target_modules %s it", (long long)i, proj,
+                ft_fail(err, cap, "layer %lld %s %s an adapter \"default\" but target_modules %s it", (long long)i, proj,
                      lin ? "has" : "has no", wanted ? "lists" : "does not list");
                 goto fail;
             }
             if (qlora_linear_adapter_params(lin, id, &p) != QLORA_OK ||
                 qlora_linear_adapter_tensors(lin, id, &list[n].a, &list[n].b, NULL, NULL) != QLORA_OK) {
-                fail(err, cap, "layer %lld %s: %s", (long long)i, proj, qlora_last_error());
+                ft_fail(err, cap, "layer %lld %s: %s", (long long)i, proj, qlora_last_error());
                 goto fail;
             }
             if (p.rank != cfg->rank || p.alpha != cfg->alpha || (p.use_rslora != 0) != (cfg->use_rslora != 0)) {
-                fail(err, cap, "layer %lld %s: the adapter has r %d, lora_alpha %g, use_rslora %d; the config says "
+                ft_fail(err, cap, "layer %lld %s: the adapter has r %d, lora_alpha %g, use_rslora %d; the config says "
                      "r %d, lora_alpha %g, use_rslora %d", (long long)i, proj, p.rank, (double)p.alpha, p.use_rslora,
                      cfg->rank, (double)cfg->alpha, cfg->use_rslora);
                 goto fail;
@@ -135,7 +127,7 @@ static int write_weights(qlora_model *model, const saved_adapter *list, size_t n
                          size_t cap) {
     qlora_st_writer *w;
     if (qlora_st_writer_open(path, 0, &w) != QLORA_OK)
-        return fail(err, cap, "%s", qlora_last_error());
+        return ft_fail(err, cap, "%s", qlora_last_error());
     int rc = qlora_st_writer_set_metadata(w, "format", "pt") == QLORA_OK ? 0 : -1;
     size_t largest = 0;
     for (size_t k = 0; rc == 0 && k < n; k++) {
@@ -147,17 +139,17 @@ static int write_weights(qlora_model *model, const saved_adapter *list, size_t n
         largest = nb > largest ? nb : largest;
     }
     if (rc)
-        fail(err, cap, "%s", qlora_last_error());
+        ft_fail(err, cap, "%s", qlora_last_error());
     void *buf = rc == 0 ? malloc(largest ? largest : 1) : NULL;
     if (rc == 0 && !buf)
-        rc = fail(err, cap, "%s: out of memory", path);
+        rc = ft_fail(err, cap, "%s: out of memory", path);
     qlora_ctx *ctx = qlora_model_context(model);
     for (size_t k = 0; rc == 0 && k < 2 * n; k++) {
         const qlora_tensor *t = k % 2 ? &list[k / 2].b : &list[k / 2].a;
         const char *key = k % 2 ? list[k / 2].key_b : list[k / 2].key_a;
         rc = transfer(ctx, t, buf, 1, err, cap);
         if (rc == 0 && qlora_st_writer_write(w, key, buf, qlora_tensor_nbytes(t)) != QLORA_OK)
-            rc = fail(err, cap, "%s", qlora_last_error());
+            rc = ft_fail(err, cap, "%s", qlora_last_error());
     }
     free(buf);
     if (rc) {
@@ -165,7 +157,7 @@ static int write_weights(qlora_model *model, const saved_adapter *list, size_t n
         return -1;
     }
     if (qlora_st_writer_commit(w) != QLORA_OK)
-        return fail(err, cap, "%s", qlora_last_error());
+        return ft_fail(err, cap, "%s", qlora_last_error());
     return 0;
 }
 
@@ -173,7 +165,7 @@ int ft_adapter_write_files(qlora_model *model, const ft_adapter_config *cfg, con
                            size_t cap) {
     char path[4096];
     if ((size_t)snprintf(path, sizeof path, "%s/" FT_ADAPTER_FILE, dir) >= sizeof path)
-        return fail(err, cap, "path too long: '%s/" FT_ADAPTER_FILE "'", dir);
+        return ft_fail(err, cap, "path too long: '%s/" FT_ADAPTER_FILE "'", dir);
     saved_adapter *list;
     size_t n;
     if (collect(model, cfg, &list, &n, err, cap))
@@ -215,9 +207,9 @@ static void shape_text(const qlora_tensor *t, char *out, size_t cap) {
 static int match(const qlora_safetensors *f, const char *path, const char *key, char which, const qlora_tensor *dst,
                  qlora_tensor *src, char *err, size_t cap) {
     if (qlora_safetensors_find(f, key, src) != QLORA_OK)
-        return fail(err, cap, "%s: tensor '%s' is missing", path, key);
+        return ft_fail(err, cap, "%s: tensor '%s' is missing", path, key);
     if (src->dtype != QLORA_BF16 && src->dtype != QLORA_F16 && src->dtype != QLORA_F32)
-        return fail(err, cap, "%s: tensor '%s' is %s; expected BF16, F16 or F32", path, key,
+        return ft_fail(err, cap, "%s: tensor '%s' is %s; expected BF16, F16 or F32", path, key,
                     qlora_dtype_name(src->dtype));
     if (src->ndim == 2 && src->shape[0] == dst->shape[0] && src->shape[1] == dst->shape[1])
         return 0;
@@ -227,10 +219,10 @@ static int match(const qlora_safetensors *f, const char *path, const char *key, 
     /* A [r, in], B [out, r]: a difference in r alone is a rank mismatch */
     int rdim = which == 'A' ? 0 : 1;
     if (src->ndim == 2 && src->shape[1 - rdim] == dst->shape[1 - rdim])
-        return fail(err, cap, "%s: tensor '%s' has shape %s: rank %lld, but the model's adapter has rank %lld "
+        return ft_fail(err, cap, "%s: tensor '%s' has shape %s: rank %lld, but the model's adapter has rank %lld "
                     "(shape %s); load the model with the adapter's r", path, key, got, (long long)src->shape[rdim],
                     (long long)dst->shape[rdim], want);
-    return fail(err, cap, "%s: tensor '%s' has shape %s; the model's adapter needs %s", path, key, got, want);
+    return ft_fail(err, cap, "%s: tensor '%s' has shape %s; the model's adapter needs %s", path, key, got, want);
 }
 
 /* The first tensor of the file that is not in list[n] (called when the file has more). */
@@ -240,15 +232,15 @@ static int name_extra(const qlora_safetensors *f, const char *path, const char *
     for (size_t i = 0; i < count; i++) {
         qlora_tensor t;
         if (qlora_safetensors_get(f, i, &t) != QLORA_OK)
-            return fail(err, cap, "%s", qlora_last_error());
+            return ft_fail(err, cap, "%s", qlora_last_error());
         size_t k = 0;
         while (k < n && strcmp(keys[k], t.name) != 0)
             k++;
         if (k == n)
-            return fail(err, cap, "%s: tensor '%s' has no adapter in the model to go into (load the model with the "
+            return ft_fail(err, cap, "%s: tensor '%s' has no adapter in the model to go into (load the model with the "
                         "adapter's target_modules)", path, t.name);
     }
-    return fail(err, cap, "%s: more tensors than the model's adapters", path);
+    return ft_fail(err, cap, "%s: more tensors than the model's adapters", path);
 }
 
 /* Converts the file's tensor to BF16 in out[numel] (the data may be unaligned). */
@@ -279,7 +271,7 @@ static int check_file(qlora_model *model, const qlora_safetensors *f, const char
     loaded_tensor *list = calloc(max + 1, sizeof *list);
     char **keys = calloc(max + 1, sizeof *keys);
     size_t n = 0;
-    int rc = list && keys ? 0 : fail(err, cap, "%s: out of memory", path);
+    int rc = list && keys ? 0 : ft_fail(err, cap, "%s: out of memory", path);
     for (int64_t i = 0; rc == 0 && i < layers; i++)
         for (int j = 0; rc == 0 && j < FT_TARGET_COUNT; j++) {
             qlora_linear *lin;
@@ -287,12 +279,12 @@ static int check_file(qlora_model *model, const qlora_safetensors *f, const char
             if ((rc = find_adapter(model, i, j, &lin, &id, err, cap)) != 0 || !lin)
                 continue;
             if (qlora_linear_adapter_tensors(lin, id, &list[n].dst, &list[n + 1].dst, NULL, NULL) != QLORA_OK) {
-                rc = fail(err, cap, "%s", qlora_last_error());
+                rc = ft_fail(err, cap, "%s", qlora_last_error());
                 break;
             }
             for (int k = 0; rc == 0 && k < 2; k++, n++) {
                 if (!(keys[n] = malloc(QLORA_NAME_MAX))) {
-                    rc = fail(err, cap, "%s: out of memory", path);
+                    rc = ft_fail(err, cap, "%s: out of memory", path);
                     break;
                 }
                 ft_adapter_key(i, j, k ? 'B' : 'A', keys[n], QLORA_NAME_MAX);
@@ -300,7 +292,7 @@ static int check_file(qlora_model *model, const qlora_safetensors *f, const char
             }
         }
     if (rc == 0 && n == 0)
-        rc = fail(err, cap, "%s: the model has no adapter \"default\" to load into (load it with the adapter's r and "
+        rc = ft_fail(err, cap, "%s: the model has no adapter \"default\" to load into (load it with the adapter's r and "
                   "target_modules)", path);
     if (rc == 0 && qlora_safetensors_count(f) > n)
         rc = name_extra(f, path, (const char *const *)keys, n, err, cap);
@@ -319,10 +311,10 @@ static int check_file(qlora_model *model, const qlora_safetensors *f, const char
 int ft_adapter_load(qlora_model *model, const char *dir, char *err, size_t cap) {
     char path[4096];
     if ((size_t)snprintf(path, sizeof path, "%s/" FT_ADAPTER_FILE, dir) >= sizeof path)
-        return fail(err, cap, "path too long: '%s/" FT_ADAPTER_FILE "'", dir);
+        return ft_fail(err, cap, "path too long: '%s/" FT_ADAPTER_FILE "'", dir);
     qlora_safetensors *f;
     if (qlora_safetensors_open(path, &f) != QLORA_OK)
-        return fail(err, cap, "%s", qlora_last_error());
+        return ft_fail(err, cap, "%s", qlora_last_error());
     loaded_tensor *list;
     size_t n;
     if (check_file(model, f, path, &list, &n, err, cap)) {
@@ -334,7 +326,7 @@ int ft_adapter_load(qlora_model *model, const char *dir, char *err, size_t cap) 
     for (size_t k = 0; k < n; k++)
         largest = qlora_tensor_nbytes(&list[k].dst) > largest ? qlora_tensor_nbytes(&list[k].dst) : largest;
     uint16_t *buf = malloc(largest ? largest : 1);
-    int rc = buf ? 0 : fail(err, cap, "%s: out of memory", path);
+    int rc = buf ? 0 : ft_fail(err, cap, "%s: out of memory", path);
     qlora_ctx *ctx = qlora_model_context(model);
     for (size_t k = 0; rc == 0 && k < n; k++) {
         to_bf16(&list[k].src, buf);

@@ -4,6 +4,7 @@
  * defaults), keys sorted as peft writes them; read back with a check of every field qlora-ft
  * depends on, refusing LoRA variants it does not implement rather than ignoring them.
  */
+#include "ft_error.h"
 #include "ft_adapter.h"
 #include "ft_fs.h"
 
@@ -15,15 +16,6 @@
 #include <string.h>
 
 #define FT_TARGET_COUNT 7
-
-static int fail(char *err, size_t cap, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    if (err && cap)
-        vsnprintf(err, cap, fmt, ap);
-    va_end(ap);
-    return -1;
-}
 
 /* The shortest decimal that reads back as the same float, as a double: 0.05f is written 0.05
  * (as Python writes the value it was given), not 0.05000000074505806. */
@@ -152,16 +144,16 @@ static char *print_like_python(const cJSON *o) {
 int ft_adapter_config_write(const ft_adapter_config *cfg, const char *dir, char *err, size_t cap) {
     char path[4096];
     if ((size_t)snprintf(path, sizeof path, "%s/adapter_config.json", dir) >= sizeof path)
-        return fail(err, cap, "path too long: '%s/adapter_config.json'", dir);
+        return ft_fail(err, cap, "path too long: '%s/adapter_config.json'", dir);
     if (cfg->rank < 1 || !isfinite(cfg->alpha) || !(cfg->dropout >= 0 && cfg->dropout < 1) || cfg->targets == 0 ||
         (cfg->targets & ~(uint32_t)QLORA_TARGET_ALL_LINEAR))
-        return fail(err, cap, "%s: invalid adapter settings (r %d, lora_alpha %g, lora_dropout %g, targets 0x%x)",
+        return ft_fail(err, cap, "%s: invalid adapter settings (r %d, lora_alpha %g, lora_dropout %g, targets 0x%x)",
                     path, cfg->rank, (double)cfg->alpha, (double)cfg->dropout, cfg->targets);
     cJSON *o = build(cfg);
     char *text = o ? print_like_python(o) : NULL;
     cJSON_Delete(o);
     if (!text)
-        return fail(err, cap, "%s: out of memory", path);
+        return ft_fail(err, cap, "%s: out of memory", path);
     int rc = ft_write_file(path, text, strlen(text), err, cap);
     free(text);
     return rc;
@@ -176,7 +168,7 @@ typedef struct reader {
 } reader;
 
 static int field_fail(reader *r, const char *field, const char *why) {
-    return fail(r->err, r->cap, "%s: field '%s' %s", r->path, field, why);
+    return ft_fail(r->err, r->cap, "%s: field '%s' %s", r->path, field, why);
 }
 
 /* 1 when the field is absent or null. */
@@ -216,7 +208,7 @@ static int read_targets(reader *r, uint32_t *out) {
             *out = QLORA_TARGET_ALL_LINEAR;
             return 0;
         }
-        return fail(r->err, r->cap, "%s: field 'target_modules' is the pattern '%s': qlora-ft needs a list of "
+        return ft_fail(r->err, r->cap, "%s: field 'target_modules' is the pattern '%s': qlora-ft needs a list of "
                     "module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or \"all-linear\"",
                     r->path, v->valuestring);
     }
@@ -230,7 +222,7 @@ static int read_targets(reader *r, uint32_t *out) {
         while (j < FT_TARGET_COUNT && strcmp(item->valuestring, qlora_target_name(j)) != 0)
             j++;
         if (j == FT_TARGET_COUNT)
-            return fail(r->err, r->cap, "%s: field 'target_modules': unknown module '%s' (qlora-ft adapts q_proj, "
+            return ft_fail(r->err, r->cap, "%s: field 'target_modules': unknown module '%s' (qlora-ft adapts q_proj, "
                         "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)", r->path, item->valuestring);
         *out |= 1u << j;
     }
@@ -241,12 +233,12 @@ static int read_targets(reader *r, uint32_t *out) {
 
 static int read_fields(reader *r, ft_adapter_config *cfg) {
     if (!cJSON_IsObject(r->root))
-        return fail(r->err, r->cap, "%s: not a JSON object", r->path);
+        return ft_fail(r->err, r->cap, "%s: not a JSON object", r->path);
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(r->root, "peft_type");
     if (!cJSON_IsString(v))
         return field_fail(r, "peft_type", absent(v) ? "is missing" : "is not a string");
     if (strcmp(v->valuestring, "LORA") != 0)
-        return fail(r->err, r->cap, "%s: peft_type is '%s'; qlora-ft reads LORA adapters only", r->path,
+        return ft_fail(r->err, r->cap, "%s: peft_type is '%s'; qlora-ft reads LORA adapters only", r->path,
                     v->valuestring);
     v = cJSON_GetObjectItemCaseSensitive(r->root, "task_type");
     if (!absent(v) && (!cJSON_IsString(v) || strcmp(v->valuestring, "CAUSAL_LM") != 0))
@@ -292,7 +284,7 @@ int ft_adapter_read_config(const char *dir, ft_adapter_config *cfg, char *err, s
     char path[4096];
     memset(cfg, 0, sizeof *cfg);
     if ((size_t)snprintf(path, sizeof path, "%s/adapter_config.json", dir) >= sizeof path)
-        return fail(err, cap, "path too long: '%s/adapter_config.json'", dir);
+        return ft_fail(err, cap, "path too long: '%s/adapter_config.json'", dir);
     char *text;
     size_t n;
     if (ft_read_file(path, &text, &n, err, cap))
@@ -305,7 +297,7 @@ int ft_adapter_read_config(const char *dir, ft_adapter_config *cfg, char *err, s
         long line = 1;
         for (const char *p = text; at && p < at && p < text + n; p++)
             line += *p == '\n';
-        rc = fail(err, cap, "%s:%ld: not valid JSON", path, line);
+        rc = ft_fail(err, cap, "%s:%ld: not valid JSON", path, line);
     } else {
         rc = read_fields(&r, cfg);
     }

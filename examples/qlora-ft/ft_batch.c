@@ -12,6 +12,7 @@
  * 0), so `epoch` always counts the epochs fully handed out and "while (b.epoch < E) next" runs
  * exactly E epochs.
  */
+#include "ft_error.h"
 #include "ft_data.h"
 #include "ft_rng.h"
 
@@ -22,15 +23,6 @@
 
 /* Without packing, each run of this many micro-batches (their examples) is sorted by length. */
 #define FT_GROUP_WINDOW 64
-
-static int fail(char *err, size_t errcap, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    if (err && errcap)
-        vsnprintf(err, errcap, fmt, ap);
-    va_end(ap);
-    return -1;
-}
 
 typedef struct by_length {
     int64_t n, pos, index;
@@ -56,7 +48,7 @@ static int make_order(ft_batcher *b, char *err, size_t errcap) {
     int64_t window = b->micro_batch > n / FT_GROUP_WINDOW ? n : b->micro_batch * FT_GROUP_WINDOW;
     by_length *tmp = malloc((size_t)window * sizeof *tmp);
     if (!tmp)
-        return fail(err, errcap, "batcher: out of memory");
+        return ft_fail(err, errcap, "batcher: out of memory");
     for (int64_t w = 0; w < n; w += window) {
         int64_t m = n - w < window ? n - w : window;
         for (int64_t i = 0; i < m; i++)
@@ -72,23 +64,23 @@ static int make_order(ft_batcher *b, char *err, size_t errcap) {
 int ft_batcher_init(ft_batcher *b, const ft_dataset *ds, int64_t micro_batch, int64_t max_seq, int packing,
                     uint64_t seed, char *err, size_t errcap) {
     if (!b)
-        return fail(err, errcap, "ft_batcher_init: b is NULL");
+        return ft_fail(err, errcap, "ft_batcher_init: b is NULL");
     memset(b, 0, sizeof *b);
     if (!ds || ds->count < 1)
-        return fail(err, errcap, "batcher: the dataset is empty");
+        return ft_fail(err, errcap, "batcher: the dataset is empty");
     if (micro_batch < 1 || max_seq < 1)
-        return fail(err, errcap, "batcher: micro_batch %lld and max_seq %lld must be positive", (long long)micro_batch,
+        return ft_fail(err, errcap, "batcher: micro_batch %lld and max_seq %lld must be positive", (long long)micro_batch,
                     (long long)max_seq);
     for (int64_t i = 0; i < ds->count; i++)
         if (ds->ex[i].n < 1 || ds->ex[i].n > max_seq)
-            return fail(err, errcap, "batcher: example %lld has %lld tokens (1 to max_seq %lld allowed)", (long long)i,
+            return ft_fail(err, errcap, "batcher: example %lld has %lld tokens (1 to max_seq %lld allowed)", (long long)i,
                         (long long)ds->ex[i].n, (long long)max_seq);
     if (micro_batch > INT32_MAX / max_seq)
-        return fail(err, errcap, "batcher: micro_batch %lld x max_seq %lld tokens do not fit 32-bit positions",
+        return ft_fail(err, errcap, "batcher: micro_batch %lld x max_seq %lld tokens do not fit 32-bit positions",
                     (long long)micro_batch, (long long)max_seq);
     *b = (ft_batcher){ds, micro_batch, max_seq, packing != 0, seed, 0, 0, malloc((size_t)ds->count * sizeof(int64_t))};
     if (!b->order)
-        return fail(err, errcap, "batcher: out of memory");
+        return ft_fail(err, errcap, "batcher: out of memory");
     if (make_order(b, err, errcap)) {
         ft_batcher_free(b);
         return -1;
@@ -98,9 +90,9 @@ int ft_batcher_init(ft_batcher *b, const ft_dataset *ds, int64_t micro_batch, in
 
 int ft_batcher_seek(ft_batcher *b, int64_t epoch, int64_t cursor, char *err, size_t errcap) {
     if (!b || !b->order)
-        return fail(err, errcap, "ft_batcher_seek: the batcher is not initialised");
+        return ft_fail(err, errcap, "ft_batcher_seek: the batcher is not initialised");
     if (epoch < 0 || cursor < 0 || cursor > b->ds->count)
-        return fail(err, errcap, "batcher: position epoch %lld, example %lld is outside the data (%lld examples)",
+        return ft_fail(err, errcap, "batcher: position epoch %lld, example %lld is outside the data (%lld examples)",
                     (long long)epoch, (long long)cursor, (long long)b->ds->count);
     if (cursor == b->ds->count) { /* the end of an epoch is the start of the next */
         epoch++;
@@ -130,7 +122,7 @@ static int reserve(ft_batch *out, int64_t T) {
 
 int ft_batcher_next(ft_batcher *b, ft_batch *out, char *err, size_t errcap) {
     if (!b || !b->order || !out)
-        return fail(err, errcap, "ft_batcher_next: %s", !out ? "out is NULL" : "the batcher is not initialised");
+        return ft_fail(err, errcap, "ft_batcher_next: %s", !out ? "out is NULL" : "the batcher is not initialised");
     const ft_dataset *ds = b->ds;
     int64_t first = b->cursor, last = first, T = 0;
     if (b->packing) {
@@ -144,7 +136,7 @@ int ft_batcher_next(ft_batcher *b, ft_batch *out, char *err, size_t errcap) {
             T += ds->ex[b->order[last]].n;
     }
     if (reserve(out, T))
-        return fail(err, errcap, "batcher: out of memory for a batch of %lld tokens", (long long)T);
+        return ft_fail(err, errcap, "batcher: out of memory for a batch of %lld tokens", (long long)T);
     out->T = T;
     out->examples = last - first;
     out->targets = 0;

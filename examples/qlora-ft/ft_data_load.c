@@ -7,6 +7,7 @@
  * Which of the two forms a file holds is read from its first character: '[' opens an array
  * (a JSON Lines record is an object, so it never starts that way), whatever the extension.
  */
+#include "ft_error.h"
 #include "ft_data.h"
 #include "ft_template.h"
 
@@ -35,16 +36,7 @@ typedef struct loader {
     size_t errcap;
 } loader;
 
-static int fail(char *err, size_t errcap, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    if (err && errcap)
-        vsnprintf(err, errcap, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-
-static int out_of_memory(loader *L) { return fail(L->err, L->errcap, "%s: out of memory", L->name); }
+static int out_of_memory(loader *L) { return ft_fail(L->err, L->errcap, "%s: out of memory", L->name); }
 
 /* A malformed record: skipped and counted (the first message kept in err) with skip_bad_lines,
  * else the end of loading. `element` >= 0 names the array element of a .json file. */
@@ -54,7 +46,7 @@ static int bad_record(loader *L, int64_t element, const char *why) {
         snprintf(where, sizeof where, "element %lld: ", (long long)element);
     if (L->opts.skip_bad_lines && L->ds->skipped++ > 0)
         return 0;
-    fail(L->err, L->errcap, "%s:%lld: %s%s", L->name, (long long)L->line, where, why);
+    ft_fail(L->err, L->errcap, "%s:%lld: %s%s", L->name, (long long)L->line, where, why);
     return L->opts.skip_bad_lines ? 0 : -1;
 }
 
@@ -245,7 +237,7 @@ static int take_array(loader *L, const char *text, size_t len) {
         cJSON *rec = cJSON_ParseWithLengthOpts(p, (size_t)(end - p), &stop, 0);
         if (!rec) {
             L->line += count_lines(p, stop ? stop : p);
-            return fail(L->err, L->errcap, "%s:%lld: element %lld: not valid JSON", L->name, (long long)L->line,
+            return ft_fail(L->err, L->errcap, "%s:%lld: element %lld: not valid JSON", L->name, (long long)L->line,
                         (long long)element);
         }
         int r = take_record(L, rec, element);
@@ -257,14 +249,14 @@ static int take_array(loader *L, const char *text, size_t len) {
         if (p < end && *p == ',')
             p = skip_space(L, p + 1, end);
         else if (p >= end || *p != ']')
-            return fail(L->err, L->errcap, "%s:%lld: expected ',' or ']' after element %lld", L->name,
+            return ft_fail(L->err, L->errcap, "%s:%lld: expected ',' or ']' after element %lld", L->name,
                         (long long)L->line, (long long)element);
     }
     if (p >= end)
-        return fail(L->err, L->errcap, "%s:%lld: the JSON array is not closed", L->name, (long long)L->line);
+        return ft_fail(L->err, L->errcap, "%s:%lld: the JSON array is not closed", L->name, (long long)L->line);
     p = skip_space(L, p + 1, end);
     if (p < end)
-        return fail(L->err, L->errcap, "%s:%lld: unexpected text after the JSON array", L->name, (long long)L->line);
+        return ft_fail(L->err, L->errcap, "%s:%lld: unexpected text after the JSON array", L->name, (long long)L->line);
     return 0;
 }
 
@@ -313,7 +305,7 @@ static int read_whole(loader *L, FILE *fp, char **out, size_t *len) {
         return out_of_memory(L);
     if (ferror(fp)) {
         free(buf);
-        return fail(L->err, L->errcap, "%s: read error: %s", L->name, strerror(errno));
+        return ft_fail(L->err, L->errcap, "%s: read error: %s", L->name, strerror(errno));
     }
     *out = buf;
     *len = n;
@@ -348,7 +340,7 @@ static int take_file(loader *L, FILE *fp) {
             if (errno == ENOMEM)
                 r = out_of_memory(L);
             else if (ferror(fp))
-                r = fail(L->err, L->errcap, "%s:%lld: read error: %s", L->name, (long long)L->line + 1,
+                r = ft_fail(L->err, L->errcap, "%s:%lld: read error: %s", L->name, (long long)L->line + 1,
                          strerror(errno));
             break;
         }
@@ -379,13 +371,13 @@ int ft_dataset_load(const char *path, const char *text, size_t len, const char *
     if (err && errcap)
         err[0] = '\0';
     if (!out || !tok || !opts || (!path && !text))
-        return fail(err, errcap, "ft_dataset_load: %s is NULL", !out ? "out" : !tok ? "tok" : !opts ? "opts" : "text");
+        return ft_fail(err, errcap, "ft_dataset_load: %s is NULL", !out ? "out" : !tok ? "tok" : !opts ? "opts" : "text");
     memset(out, 0, sizeof *out);
     const char *label = path ? path : name ? name : "(data)";
     if ((int)opts->format < FT_FORMAT_AUTO || opts->format > FT_FORMAT_CHAT)
-        return fail(err, errcap, "%s: unknown data format %d", label, (int)opts->format);
+        return ft_fail(err, errcap, "%s: unknown data format %d", label, (int)opts->format);
     if (opts->max_seq < 2)
-        return fail(err, errcap, "%s: max_seq %lld is too small (at least 2 tokens)", label, (long long)opts->max_seq);
+        return ft_fail(err, errcap, "%s: max_seq %lld is too small (at least 2 tokens)", label, (long long)opts->max_seq);
 
     loader L = {.name = label, .tok = tok, .opts = *opts, .ds = out, .err = err, .errcap = errcap};
     L.bos = qlora_tokenizer_bos_id(tok);
@@ -395,14 +387,14 @@ int ft_dataset_load(const char *path, const char *text, size_t len, const char *
     if (path) {
         FILE *fp = fopen(path, "rb");
         if (!fp)
-            return fail(err, errcap, "%s: cannot open: %s", path, strerror(errno));
+            return ft_fail(err, errcap, "%s: cannot open: %s", path, strerror(errno));
         r = take_file(&L, fp);
         fclose(fp);
     } else {
         r = take_text(&L, text, len);
     }
     if (r == 0 && out->count == 0)
-        r = fail(err, errcap, "%s:%lld: no usable records (%lld skipped)", label, (long long)(L.line ? L.line : 1),
+        r = ft_fail(err, errcap, "%s:%lld: no usable records (%lld skipped)", label, (long long)(L.line ? L.line : 1),
                  (long long)out->skipped);
     ft_render_free(&L.render);
     free(L.ids);

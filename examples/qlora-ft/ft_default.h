@@ -14,8 +14,8 @@ extern const unsigned char ft_default_config[], ft_default_tokenizer[], ft_defau
 extern const size_t ft_default_config_len, ft_default_tokenizer_len, ft_default_data_len;
 
 /* Writes the default base model into dir (config.json, tokenizer.json, model.safetensors with
- * weights drawn from N(0, 0.02²) by a seeded generator, norms 1), atomically, unless dir already
- * holds it. The same bytes on every machine. */
+ * weights from qlora_model_write_random: N(0, 0.02²) by a fixed seed, norms 1), atomically,
+ * unless dir already holds it. The same bytes on every machine. */
 int ft_default_model_write(const char *dir, char *err, size_t cap);
 
 #endif

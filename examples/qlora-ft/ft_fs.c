@@ -2,6 +2,7 @@
  * Atomic output directories (see ft_fs.h): write into "<final>.tmp.<pid>", fsync, then rename.
  * Every failing system call ends the operation with a message naming the path and errno's text.
  */
+#include "ft_error.h"
 #include "ft_fs.h"
 
 #include <dirent.h>
@@ -16,24 +17,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static int fail(char *err, size_t cap, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    if (err && cap)
-        vsnprintf(err, cap, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-
 static int sys_fail(char *err, size_t cap, const char *what, const char *path, int e) {
-    return fail(err, cap, "cannot %s '%s': %s", what, path, strerror(e));
+    return ft_fail(err, cap, "cannot %s '%s': %s", what, path, strerror(e));
 }
 
 /* dst[cap] = a + b (+ c); -1 when it does not fit. */
 static int join(char *dst, size_t cap, const char *a, const char *b, const char *c, char *err, size_t errcap) {
     int n = snprintf(dst, cap, "%s%s%s", a, b, c ? c : "");
     if (n < 0 || (size_t)n >= cap)
-        return fail(err, errcap, "path too long: '%s%s%s'", a, b, c ? c : "");
+        return ft_fail(err, errcap, "path too long: '%s%s%s'", a, b, c ? c : "");
     return 0;
 }
 
@@ -41,11 +33,11 @@ static int join(char *dst, size_t cap, const char *a, const char *b, const char 
 static int trimmed(const char *path, char *out, size_t cap, char *err, size_t errcap) {
     size_t n = strlen(path);
     if (n == 0)
-        return fail(err, errcap, "empty path");
+        return ft_fail(err, errcap, "empty path");
     while (n > 1 && path[n - 1] == '/')
         n--;
     if (n >= cap)
-        return fail(err, errcap, "path too long: '%s'", path);
+        return ft_fail(err, errcap, "path too long: '%s'", path);
     memcpy(out, path, n);
     out[n] = '\0';
     return 0;
@@ -74,7 +66,7 @@ int ft_mkdirs(const char *dir, char *err, size_t cap) {
             if (stat(path, &st) != 0)
                 return sys_fail(err, cap, "stat", path, errno);
             if (!S_ISDIR(st.st_mode))
-                return fail(err, cap, "cannot create directory '%s': a file of that name exists", path);
+                return ft_fail(err, cap, "cannot create directory '%s': a file of that name exists", path);
         }
         if (end)
             return 0;
@@ -232,7 +224,7 @@ int ft_dir_commit(const char *tmp, const char *final, char *err, size_t cap) {
     }
     if (rename(tmp, path) != 0) {
         int e = errno;
-        fail(err, cap, "cannot rename '%s' to '%s': %s", tmp, path, strerror(e));
+        ft_fail(err, cap, "cannot rename '%s' to '%s': %s", tmp, path, strerror(e));
         if (ft_exists(old) && !ft_exists(path) && rename(old, path) != 0) {
             size_t n = strlen(err);
             snprintf(err + n, cap - n, " (the previous output is left in '%s')", old);
@@ -286,7 +278,7 @@ int ft_read_file(const char *path, char **data, size_t *n, char *err, size_t cap
     char *buf = malloc(bufcap);
     if (!buf) {
         close(fd);
-        return fail(err, cap, "cannot read '%s': out of memory", path);
+        return ft_fail(err, cap, "cannot read '%s': out of memory", path);
     }
     for (;;) {
         if (len + 1 >= bufcap) { /* a file that grew, or one without a size (a pipe) */
@@ -294,7 +286,7 @@ int ft_read_file(const char *path, char **data, size_t *n, char *err, size_t cap
             if (!grown) {
                 free(buf);
                 close(fd);
-                return fail(err, cap, "cannot read '%s': out of memory", path);
+                return ft_fail(err, cap, "cannot read '%s': out of memory", path);
             }
             buf = grown;
             bufcap *= 2;
