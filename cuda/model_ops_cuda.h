@@ -51,6 +51,20 @@ qlora_status ql_cuda_attention_backward(ql_cuda_state *s, int64_t tokens, int he
                                         const int32_t *d_seq_start, const float *d_lse, const uint16_t *d_dout,
                                         uint16_t *d_dq, uint16_t *d_dk, uint16_t *d_dv);
 
+/* Attention of new tokens against a KV cache (ql_attention_decode on the device): d_q [tokens,
+ * heads, d] are the tokens at positions past .. past+tokens-1 of one sequence; d_k_cache and
+ * d_v_cache [past+tokens, kv_heads, d] (contiguous rows of kv_heads·d) hold every earlier token's
+ * keys and values and the new ones; query i attends keys [0, past+i]; d_out [tokens, heads, d]
+ * BF16. Scale d^-0.5, online softmax in float32. Decode steps split the keys over several CTAs
+ * per kv head (flash-decoding) and merge the ranges in a second kernel, in a fixed order (the
+ * split count depends on the shape and the device's SM count only). A prompt on an empty cache
+ * (past 0, tokens > 1) runs the forward kernel above, so it gives ql_cuda_attention_forward's
+ * bits. Not bit-identical with the CPU op (summation orders, exp2). head_dim: even,
+ * <= QL_ATTN_MAX_HEAD_DIM; past + tokens < 2^31. Scratch through the owner's allocator. */
+qlora_status ql_cuda_attention_decode(ql_cuda_state *s, int64_t tokens, int heads, int kv_heads, int head_dim,
+                                      const uint16_t *d_q, const uint16_t *d_k_cache, const uint16_t *d_v_cache,
+                                      int64_t past, uint16_t *d_out);
+
 /* d_out [T, H] = d_table[d_ids[t]]. *bad_id receives the first t whose id is outside [0, vocab)
  * (or -1), found by the kernel and read back after it. */
 qlora_status ql_cuda_embedding_forward(ql_cuda_state *s, const uint16_t *d_table, int64_t vocab, int64_t hidden,

@@ -524,8 +524,15 @@ QLORA_API int32_t qlora_tokenizer_eos_id(const qlora_tokenizer *tok);
  * adapters chosen at load; embeddings, norms, biases and lm_head stay 16-bit (BF16, category
  * DENSE_WEIGHTS; a tied lm_head shares the embedding). The forward follows transformers' eager
  * BF16 computation (/work/shared/spec/formats.md §2): BF16 activations, each residual add
- * rounded to BF16, FP32 logits and loss. CPU contexts only for now: a CUDA context is refused
- * with QLORA_ERR_UNSUPPORTED. A model is used by one thread at a time. */
+ * rounded to BF16, FP32 logits and loss. It runs on CPU and CUDA contexts. On a CUDA context
+ * the weights (quantized on the GPU, bit-identical with the CPU quantizer), the adapters, the
+ * activations and the KV cache live on the context's GPU; the per-token arguments (tokens,
+ * positions, seq_start, labels, prompts) and the results (logits, loss, generated ids) are host
+ * memory on every backend. Those arguments are checked on the host before anything runs, so a
+ * bad one fails with the same message on both backends. The CUDA kernels round to BF16 where
+ * the CPU ones do but sum in other orders (and CUDA's one-token decode path of the 4-bit
+ * weights, used by generation steps, rounds them differently from its batched path), so the
+ * backends agree to BF16 noise, not bit for bit. A model is used by one thread at a time. */
 typedef struct qlora_model qlora_model;
 struct qlora_model_config;
 
@@ -660,6 +667,29 @@ QLORA_API qlora_generate_opts qlora_generate_default_opts(void);
 QLORA_API qlora_status qlora_model_generate(qlora_model *model, const int32_t *prompt, int64_t n_prompt,
                                             const qlora_generate_opts *opts, int32_t *out, int64_t cap,
                                             int64_t *n_out);
+
+/* ---- A random model, for tests, examples and benchmarks. Writes the Hugging Face directory
+ * `dir` (created when missing; its parent must exist) that qlora_model_load reads as cfg:
+ *   config.json        {Llama,Mistral,Qwen2}ForCausalLM after cfg->model_type ("" = llama),
+ *                      torch_dtype bfloat16, max_position_embeddings 4096, initializer_range
+ *                      init_std; qlora_model_config_from_json_file reads back cfg (all but
+ *                      `name`; an rms_norm_eps of 0 reads back as 1e-6)
+ *   model.safetensors  BF16: every tensor qlora_model_load needs (lm_head.weight only when
+ *                      untied); linear weights, embedding and lm_head N(0, init_std²); norms 1;
+ *                      biases 0
+ * Row r of tensor `name` is drawn from its own splitmix64 stream, seeded with
+ * mix64(seed ^ fnv1a64(name) ^ r·0xd1b54a32d192ed03), by Box-Muller in double precision
+ * (cos, then sin, of each pair), rounded to BF16 to nearest even: the same bytes for the same
+ * (cfg, seed, init_std) on every machine and thread count, and a tensor's values do not depend
+ * on which other tensors the model has. The weights are committed atomically (temp file +
+ * rename), then config.json the same way. Host memory: one buffer the size of the largest
+ * tensor (malloc, not the accountant: no context is involved). QLORA_ERR_INVALID_ARG for an
+ * invalid cfg (see qlora_model_config_validate), a negative or non-finite init_std, a
+ * model_type other than llama, mistral, qwen2, or biases config.json cannot express (llama and
+ * mistral: qkv_bias == o_bias, their attention_bias; qwen2: qkv_bias set); QLORA_ERR_IO naming
+ * the path when a file or the directory cannot be written. */
+QLORA_API qlora_status qlora_model_write_random(const struct qlora_model_config *cfg, const char *dir, uint64_t seed,
+                                                double init_std);
 
 /* ------------------------------------------------- memory accountant report */
 /* The accountant's tables, written like snprintf into buf[cap] (NUL-terminated, truncated when

@@ -104,7 +104,22 @@ static qlora_status load_linear_weight(qlora_ctx *ctx, const qlora_checkpoint *c
         return ql_fail(QLORA_ERR_DTYPE, "model '%s': tensor '%s' is %s; expected BF16, F16, F32 or a "
                        "bitsandbytes 4-bit weight", dir, name, qlora_dtype_name(t.dtype));
     ql_copy_name(t.name, name);
-    qlora_status st = qlora_quantize(ctx, &t, quant, q);
+    /* qlora_quantize reads its source where the context computes: on a CUDA context the mapped
+     * weight goes to a device workspace first (one 16/32-bit weight at a time, as on the host) */
+    qlora_tensor src = t;
+    void *dev = NULL;
+    qlora_status st = QLORA_OK;
+    if (ctx->cuda) {
+        st = qlora_alloc(ctx, qlora_tensor_nbytes(&t), 1, QLORA_MEM_WORKSPACE, &dev);
+        if (st == QLORA_OK) {
+            src.data = dev;
+            src.device = qlora_ctx_device(ctx);
+            st = qlora_tensor_copy(ctx, &src, &t);
+        }
+    }
+    if (st == QLORA_OK)
+        st = qlora_quantize(ctx, &src, quant, q);
+    qlora_free(ctx, dev);
     if (st != QLORA_OK)
         ql_error_prefix("model '%s'", dir);
     return st;

@@ -110,7 +110,10 @@ qlora_status ql_attention_backward(qlora_ctx *ctx, const ql_attn_shape *s, const
  * positions past .. past+tq-1 of one sequence; k_cache, v_cache [past+tq, nkv, d] hold every
  * earlier token's keys and values and the new ones. Query i attends keys [0, past+i], with
  * the same block order and arithmetic as ql_attention_forward, so a prompt run through the
- * cache gives the forward's bits. No lse (nothing to differentiate). */
+ * cache gives the forward's bits. No lse (nothing to differentiate). On a CUDA context
+ * (ql_cuda_attention_decode) a prompt on an empty cache gives the CUDA forward's bits and a
+ * step is within float32 rounding of the CPU's result before the BF16 rounding, not bit-equal;
+ * head_dim must be even there. */
 qlora_status ql_attention_decode(qlora_ctx *ctx, const ql_attn_shape *s, const uint16_t *q, const uint16_t *k_cache,
                                  const uint16_t *v_cache, int64_t past, uint16_t *out);
 

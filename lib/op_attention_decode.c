@@ -1,13 +1,17 @@
 /*
  * Attention of new tokens against a KV cache on the CPU (lib/model_ops.h), for generation: one
  * sequence, query i at position past + i sees keys 0 .. past + i. The walk over key blocks and
- * the online softmax are those of ql_attention_forward, so both give the same bits.
+ * the online softmax are those of ql_attention_forward, so both give the same bits. On a CUDA
+ * context the kernel of cuda/attention_decode.cu runs instead (split-K over the cache).
  */
 #include "model_ops.h"
 
 #include <math.h>
 
 #include "half.h"
+#ifdef QLORA_HAVE_CUDA
+#include "model_ops_cuda.h"
+#endif
 
 qlora_status ql_attention_decode(qlora_ctx *ctx, const ql_attn_shape *s, const uint16_t *q, const uint16_t *k_cache,
                                  const uint16_t *v_cache, int64_t past, uint16_t *out) {
@@ -18,8 +22,11 @@ qlora_status ql_attention_decode(qlora_ctx *ctx, const ql_attn_shape *s, const u
         s->head_dim > QL_ATTN_MAX_HEAD_DIM)
         return ql_fail(QLORA_ERR_SHAPE, "attention decode: %d heads, %d kv heads, head_dim %d", s->heads,
                        s->kv_heads, s->head_dim);
-    if (ctx->cuda)
-        return ql_fail(QLORA_ERR_UNSUPPORTED, "attention decode: no CUDA kernel yet (generation runs on CPU contexts)");
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda) /* every pointer on the device */
+        return ql_cuda_attention_decode((ql_cuda_state *)ctx->cuda, s->tokens, s->heads, s->kv_heads, s->head_dim, q,
+                                        k_cache, v_cache, past, out);
+#endif
     const int nh = s->heads, nkv = s->kv_heads, d = s->head_dim, group = nh / nkv;
     const float scale = 1.0f / sqrtf((float)d);
     const int nt = ql_ops_threads(ctx);

@@ -625,6 +625,168 @@ START_TEST(test_attention_bad_arguments) {
 }
 END_TEST
 
+/* ------------------------------------------------------------------ attention against a KV cache */
+
+/* FP64 decode attention: query row (i, h) attends keys [0, past + i]. Fills out (the exact
+ * values), mag (Σ p·|v|, the size of the sum's terms) and returns the largest per-score
+ * Σ_c |q_c·k_c|·scale (what bounds a float32 score's error, > any |score|). */
+static double decode_fp64(const ql_attn_shape *s, int64_t past, const uint16_t *q, const uint16_t *k,
+                          const uint16_t *v, double *out, double *mag) {
+    const int nh = s->heads, nkv = s->kv_heads, d = s->head_dim, group = nh / nkv;
+    const double scale = 1.0 / sqrt((double)d);
+    double *p = xmalloc((past + s->tokens) * 8), abs_max = 0.0;
+    for (int64_t i = 0; i < s->tokens; i++)
+        for (int h = 0; h < nh; h++) {
+            const int64_t row = i * nh + h, last = past + i;
+            const int kvh = h / group;
+            double mx = -INFINITY, sum = 0.0;
+            for (int64_t j = 0; j <= last; j++) {
+                double sc = 0.0, sa = 0.0;
+                for (int c = 0; c < d; c++) {
+                    double term = bf(q[row * d + c]) * bf(k[(j * nkv + kvh) * d + c]);
+                    sc += term;
+                    sa += fabs(term);
+                }
+                p[j] = sc * scale;
+                abs_max = fmax(abs_max, sa * scale);
+                mx = fmax(mx, p[j]);
+            }
+            for (int64_t j = 0; j <= last; j++) {
+                p[j] = exp(p[j] - mx);
+                sum += p[j];
+            }
+            for (int c = 0; c < d; c++) {
+                double o = 0.0, a = 0.0;
+                for (int64_t j = 0; j <= last; j++) {
+                    double vv = bf(v[(j * nkv + kvh) * d + c]);
+                    o += p[j] * vv;
+                    a += p[j] * fabs(vv);
+                }
+                out[row * d + c] = o / sum;
+                mag[row * d + c] = a / sum;
+            }
+        }
+    free(p);
+    return abs_max;
+}
+
+/* One decode shape on the GPU against FP64 and the CPU op. The cache's first and last rows hold
+ * values 32 times larger, so a key dropped at either end of the range (or the newest key leaking
+ * to an earlier query of a prompt) moves the output far outside the bound. off: bytes added to
+ * every device operand's alignment (2: one value at a time). Tolerance, as for the forward:
+ * |got − e| <= 1.01·BF·|e| + K·U·A, A = Σ p·|v|, K = 2·(L + d) + 4·(d + 2)·S + 64 with L the keys
+ * (float32 sums of L and d terms for the output and the softmax denominator, the split combine
+ * adding a few roundings) and S the largest Σ|q·k|·scale of a score (its float32 error, through
+ * exp2 into every p). The CPU op obeys the same bound, so the two differ by at most twice it. */
+static void decode_case(gpu *g, tu_rng *rng, int64_t past, int64_t tq, int nh, int nkv, int d, size_t off) {
+    char what[160];
+    snprintf(what, sizeof what, "attention decode past=%lld tq=%lld nh=%d nkv=%d d=%d off=%zu", (long long)past,
+             (long long)tq, nh, nkv, d, off);
+    ql_attn_shape s = {tq, nh, nkv, d};
+    const int64_t L = past + tq, nq = tq * nh * d, nk = L * nkv * d;
+    uint16_t *q = random_bf16(rng, nq, 1.0f), *k = random_bf16(rng, nk, 1.0f), *v = random_bf16(rng, nk, 1.0f);
+    for (int64_t c = 0; c < nkv * d; c++) { /* ×32 is exact in BF16 */
+        v[c] = ql_f32_to_bf16(32.0f * ql_bf16_to_f32(v[c]));
+        v[(L - 1) * nkv * d + c] = ql_f32_to_bf16(32.0f * ql_bf16_to_f32(v[(L - 1) * nkv * d + c]));
+    }
+    uint16_t *out_cpu = xmalloc(nq * 2);
+    ck_assert_qlora_ok(ql_attention_decode(g->cpu, &s, q, k, v, past, out_cpu));
+
+    dbuf dq = dfrom(g->cuda, q, nq * 2, off), dk = dfrom(g->cuda, k, nk * 2, off), dv = dfrom(g->cuda, v, nk * 2, off);
+    dbuf dout = dnew(g->cuda, nq * 2, off);
+    ck_assert_qlora_ok(ql_attention_decode(g->cuda, &s, dptr(&dq), dptr(&dk), dptr(&dv), past, dptr(&dout)));
+    uint16_t *got = dload(&dout, what);
+
+    double *want = xmalloc(nq * 8), *mag = xmalloc(nq * 8), *tol = xmalloc(nq * 8);
+    const double S = decode_fp64(&s, past, q, k, v, want, mag);
+    const double k_u = (2.0 * (L + d) + 4.0 * (d + 2) * S + 64.0) * U;
+    for (int64_t i = 0; i < nq; i++)
+        tol[i] = 1.01 * BF * fabs(want[i]) + k_u * mag[i] + 1e-30;
+    double *gd = bf16_to_doubles(got, nq), *cd = bf16_to_doubles(out_cpu, nq);
+    char part[200];
+    snprintf(part, sizeof part, "%s: vs FP64", what);
+    assert_close(part, gd, want, tol, nq);
+    for (int64_t i = 0; i < nq; i++)
+        tol[i] *= 2.0;
+    snprintf(part, sizeof part, "%s: vs the CPU", what);
+    assert_close(part, gd, cd, tol, nq);
+
+    if (past == 0 && tq > 1) { /* a prompt on an empty cache is the forward: the same bits */
+        dbuf fo = dnew(g->cuda, nq * 2, off), lse = dnew(g->cuda, tq * nh * 4, 0);
+        ck_assert_qlora_ok(
+            ql_attention_forward(g->cuda, &s, dptr(&dq), dptr(&dk), dptr(&dv), NULL, dptr(&fo), dptr(&lse)));
+        uint16_t *fwd = dload(&fo, "attention forward");
+        ck_assert_mem_eq(got, fwd, nq * 2);
+        free(fwd);
+        dfree(&fo), dfree(&lse);
+    }
+    dfree(&dq), dfree(&dk), dfree(&dv), dfree(&dout);
+    free(q), free(k), free(v), free(out_cpu), free(got), free(want), free(mag), free(tol), free(gd), free(cd);
+}
+
+/* GQA 8/2 at d 64 and 128: a prompt (the forward kernel), a step after 300 tokens (a few key
+ * ranges) and one after 4095 (many ranges, a split combine over 4096 keys). */
+START_TEST(test_attention_decode_gqa) {
+    SKIP_WITHOUT_GPU();
+    gpu g = gpu_open();
+    tu_rng rng;
+    tu_rng_init(&rng, tu_seed());
+    const int dims[2] = {64, 128};
+    for (int i = 0; i < 2; i++) {
+        decode_case(&g, &rng, 0, 37, 8, 2, dims[i], 0);
+        decode_case(&g, &rng, 300, 1, 8, 2, dims[i], 0);
+        decode_case(&g, &rng, 4095, 1, 8, 2, dims[i], 0);
+    }
+    gpu_close(&g);
+}
+END_TEST
+
+/* Several new tokens after a cache (the per-row key limits inside one CTA), one group per CTA
+ * and less, MHA, MQA with a group of 8, the large head sizes, the 4-byte and 2-byte load paths. */
+START_TEST(test_attention_decode_other_shapes) {
+    SKIP_WITHOUT_GPU();
+    gpu g = gpu_open();
+    tu_rng rng;
+    tu_rng_init(&rng, tu_seed());
+    decode_case(&g, &rng, 100, 9, 8, 2, 64, 0);
+    decode_case(&g, &rng, 40, 3, 4, 4, 128, 0); /* group 1: 3 rows per kv head */
+    decode_case(&g, &rng, 500, 1, 8, 1, 128, 0);
+    decode_case(&g, &rng, 0, 1, 8, 2, 64, 0);   /* the first token: one key */
+    decode_case(&g, &rng, 200, 1, 2, 1, 256, 0);
+    decode_case(&g, &rng, 100, 2, 2, 2, 512, 0);
+    decode_case(&g, &rng, 70, 1, 4, 2, 36, 0);  /* d % 8 != 0: 4-byte loads */
+    decode_case(&g, &rng, 130, 2, 4, 2, 64, 2); /* misaligned: 2-byte loads and stores */
+    gpu_close(&g);
+}
+END_TEST
+
+START_TEST(test_attention_decode_bad_arguments) {
+    SKIP_WITHOUT_GPU();
+    gpu g = gpu_open();
+    dbuf b = dnew(g.cuda, 4096, 0);
+    uint16_t *p = dptr(&b);
+    ql_attn_shape odd = {1, 2, 2, 7};
+    ck_assert_qlora_fails(ql_attention_decode(g.cuda, &odd, p, p, p, 3, p), QLORA_ERR_UNSUPPORTED, "head_dim 7");
+    ql_attn_shape heads = {1, 3, 2, 8};
+    ck_assert_qlora_fails(ql_attention_decode(g.cuda, &heads, p, p, p, 3, p), QLORA_ERR_SHAPE, "3 heads");
+    ql_attn_shape ok = {1, 2, 2, 8};
+    ck_assert_qlora_fails(ql_attention_decode(g.cuda, &ok, p, p, p, -1, p), QLORA_ERR_INVALID_ARG, "past");
+    ck_assert_qlora_fails(ql_attention_decode(g.cuda, &ok, p, p, p, (int64_t)1 << 31, p), QLORA_ERR_INVALID_ARG,
+                          "2^31");
+    ck_assert_qlora_fails(ql_attention_decode(g.cuda, &ok, p, (const uint16_t *)((uint8_t *)p + 1), p, 3, p),
+                          QLORA_ERR_INVALID_ARG, "k_cache");
+    ck_assert_qlora_fails(ql_attention_decode(g.cuda, &ok, p, p, p, 3, NULL), QLORA_ERR_INVALID_ARG, "out");
+    ql_attn_shape none = {0, 2, 2, 8};
+    ck_assert_qlora_ok(ql_attention_decode(g.cuda, &none, p, p, p, 5, p));
+    uint16_t check[2048];
+    dget(&b, check, "untouched buffer");
+    for (int i = 0; i < 2048; i++)
+        ck_assert_uint_eq(check[i], 0xFFFF);
+    dfree(&b);
+    gpu_close(&g);
+}
+END_TEST
+
 /* ------------------------------------------------------------------ cross-entropy */
 
 typedef struct xent_case {
@@ -816,6 +978,9 @@ int main(void) {
     tcase_add_test(tc, test_attention_gqa_d128_and_t1);
     tcase_add_test(tc, test_attention_other_head_dims_and_alignments);
     tcase_add_test(tc, test_attention_bad_arguments);
+    tcase_add_test(tc, test_attention_decode_gqa);
+    tcase_add_test(tc, test_attention_decode_other_shapes);
+    tcase_add_test(tc, test_attention_decode_bad_arguments);
     tcase_add_test(tc, test_cross_entropy_matches_cpu);
     tcase_add_test(tc, test_cross_entropy_ignored_and_bad_labels);
     suite_add_tcase(s, tc);

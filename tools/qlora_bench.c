@@ -5,6 +5,7 @@
  *   qlora-bench [--size MiB] [--iters N] [--backend cpu|cuda|all] [--json]
  *   qlora-bench linear ...   the QLoRA linear layer (tools/bench/bench_linear.c)
  *   qlora-bench adamw ...    the paged AdamW step (tools/bench/bench_adamw.c)
+ *   qlora-bench model ...    a training step of whole Llama decoders (tools/bench/bench_model.c)
  *
  * Bytes are counted as moved through memory: quantize reads the BF16 input and writes codes +
  * scales; dequantize reads codes + scales and writes the output; a copy reads and writes the
@@ -16,6 +17,7 @@
 
 #include "bench_adamw.h"
 #include "bench_linear.h"
+#include "bench_model.h"
 
 #include <errno.h>
 #include <math.h>
@@ -304,6 +306,7 @@ static void usage(FILE *to) {
             "usage: qlora-bench [--size MiB] [--iters N] [--backend cpu|cuda|all] [--json]\n"
             "       qlora-bench linear --help   (the QLoRA linear layer vs an unquantized one)\n"
             "       qlora-bench adamw --help    (the paged AdamW step vs a copy of the same bytes)\n"
+            "       qlora-bench model --help    (a training step of whole models vs dense matmuls)\n"
             "Throughput of NF4 + double-quant (blocksize 64) quantize/dequantize vs a plain copy.\n"
             "  --size MiB     BF16 weight size (default 64)\n"
             "  --iters N      timed runs per operation, median reported (default 7)\n"
@@ -332,6 +335,8 @@ int main(int argc, char **argv) {
         return bench_linear_main(argc - 1, argv + 1);
     if (argc > 1 && !strcmp(argv[1], "adamw"))
         return bench_adamw_main(argc - 1, argv + 1);
+    if (argc > 1 && !strcmp(argv[1], "model"))
+        return bench_model_main(argc - 1, argv + 1);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         int takes_value = !strcmp(a, "--size") || !strcmp(a, "--iters") || !strcmp(a, "--backend");
