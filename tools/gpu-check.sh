@@ -9,15 +9,17 @@
 #   sanitize  every test executable (or those matching the glob QLORA_SANITIZE_TESTS) under
 #             compute-sanitizer memcheck; the quantization tests also under racecheck, initcheck
 #             and synccheck
-#   bench     build-gpu/bin/qlora-bench (CUDA at a size that leaves L2, then all backends)
+#   bench     build-gpu/bin/qlora-bench (CUDA at a size that leaves L2, then all backends), its
+#             linear, adamw and model subcommands on CUDA, and a 30-step qlora-ft run on the GPU
 #
 # Nothing can be installed on the GPU machine. Run tools/gpu-deps.sh here first and carry
 # .gpu-deps: Check, libsubunit, cJSON and pkgconf come from its unpacked tree (.gpu-deps/root,
 # or the trees named by QLORA_CHECK_ROOT / QLORA_CJSON_ROOT); so does OpenBLAS when pkg-config
 # finds none on the machine.
 #
-# Every log lands in $OUT (./build-gpu/out when OUT is unset) as at most 8 files: summary.txt,
-# env.txt, build.log, ctest.log, sanitizer.log, bench.txt, logs.tar.gz (all individual logs). The
+# Every log lands in $OUT (./build-gpu/out when OUT is unset) as at most 9 files: summary.txt,
+# env.txt, build.log, ctest.log, sanitizer.log, bench.txt, ft-metrics.jsonl, logs.tar.gz (all
+# individual logs). The
 # whole run stays inside QLORA_GPU_CHECK_BUDGET seconds (default 540, under the device tool's
 # 600 s per command); a step that no longer fits is skipped and counted as a failure. Steps can
 # be run in separate calls: build-gpu stays on a warm machine between calls.
@@ -259,13 +261,24 @@ step_bench() {
         return
     fi
     # shellcheck disable=SC2086 # the argument strings are meant to split
-    run_logged "bench cuda" 240 "$log" "$exe" $bench_args_cuda
+    run_logged "bench cuda" 90 "$log" "$exe" $bench_args_cuda
     rc=$?
     record "bench $bench_args_cuda" "$(status_word $rc)" "see bench.txt"
     # shellcheck disable=SC2086
-    run_logged "bench all" 240 "$log" "$exe" $bench_args_all
+    run_logged "bench all" 60 "$log" "$exe" $bench_args_all
     rc=$?
     record "bench $bench_args_all" "$(status_word $rc)" "see bench.txt"
+    # the layer, the optimizer and the model against cuBLAS / a device copy in the same run
+    for sub in linear adamw model; do
+        run_logged "bench $sub" 120 "$log" "$exe" "$sub" --backend cuda
+        rc=$?
+        record "bench $sub --backend cuda" "$(status_word $rc)" "see bench.txt"
+    done
+    # a short finetune of the embedded default on the GPU: tokens/s, memory measured vs estimated
+    run_logged "qlora-ft" 90 "$log" "$repo/$build/bin/qlora-ft" --device cuda --out "$repo/$build/ft-out" \
+        --steps 30 --metrics "$out/ft-metrics.jsonl"
+    rc=$?
+    record "qlora-ft --device cuda --steps 30" "$(status_word $rc)" "see bench.txt"
     cat "$log"
 }
 
