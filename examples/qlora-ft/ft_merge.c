@@ -12,6 +12,7 @@
 #include "ft_adapter.h"
 #include "ft_fs.h"
 #include "ft_half.h"
+#include "bnb_config.h"
 #include "json_splice.h" /* tools/common: text-level edits of config.json */
 
 #include <cjson/cJSON.h>
@@ -372,40 +373,6 @@ static int write_weights(merge_job *j) {
 }
 
 /* ------------------------------------------------------ config and files */
-/* bitsandbytes' quantization_config as transformers writes it (sorted keys), indented like the
- * rest of the file (the layout of tools/qlora_quantize.c's). */
-static char *quantization_member(const tool_json_object *obj, const qlora_qtensor *q) {
-    char nl1[80] = "", nl2[160] = "", type[64], dq[64];
-    if (obj->multiline) {
-        snprintf(nl1, sizeof nl1, "\n%s", obj->indent);
-        snprintf(nl2, sizeof nl2, "\n%s%s", obj->indent, obj->indent);
-    }
-    snprintf(type, sizeof type, "\"bnb_4bit_quant_type\": \"%s\"", qlora_quant_type_name(q->type));
-    snprintf(dq, sizeof dq, "\"bnb_4bit_use_double_quant\": %s", q->double_quant ? "true" : "false");
-    const char *fields[] = {"\"_load_in_4bit\": true", "\"_load_in_8bit\": false",
-                            "\"bnb_4bit_compute_dtype\": \"bfloat16\"", "\"bnb_4bit_quant_storage\": \"uint8\"",
-                            type, dq, "\"llm_int8_enable_fp32_cpu_offload\": false",
-                            "\"llm_int8_has_fp16_weight\": false", "\"llm_int8_skip_modules\": null",
-                            "\"llm_int8_threshold\": 6.0", "\"load_in_4bit\": true", "\"load_in_8bit\": false",
-                            "\"quant_method\": \"bitsandbytes\""};
-    const size_t n = sizeof fields / sizeof fields[0];
-    tool_strbuf b = {0};
-    tool_strbuf_puts(&b, "\"quantization_config\": {");
-    for (size_t f = 0; f < n; f++) {
-        tool_strbuf_puts(&b, nl2);
-        tool_strbuf_puts(&b, fields[f]);
-        if (f + 1 < n)
-            tool_strbuf_puts(&b, obj->multiline ? "," : ", ");
-    }
-    tool_strbuf_puts(&b, nl1);
-    tool_strbuf_puts(&b, "}");
-    if (b.failed) {
-        tool_strbuf_free(&b);
-        return NULL;
-    }
-    return b.data;
-}
-
 /* The base's config.json without its quantization_config (if any) and, for --bits 4, with the
  * merged weights' one; every other byte as it was. */
 static int write_config(merge_job *j) {
@@ -442,7 +409,7 @@ static int write_config(merge_job *j) {
             rc = lib_fail(j, "merged model");
             goto done;
         }
-        if (!(member = quantization_member(&obj, qlora_linear_weight(lin))) ||
+        if (!(member = tool_bnb_quantization_member(&obj, qlora_linear_weight(lin)->type, qlora_linear_weight(lin)->double_quant, NULL, 0)) ||
             !(edited = tool_json_insert(text, n, &obj, "quantization_config", member)))
             goto oom;
         free(text);
