@@ -15,6 +15,7 @@
  */
 #include <qlora.h>
 
+#include "bench_util.h"
 #include "bench_adamw.h"
 #include "bench_linear.h"
 #include "bench_model.h"
@@ -49,17 +50,6 @@ typedef struct bench {
 /* An operation under test: one timed call. */
 typedef qlora_status (*bench_fn)(void *state);
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int compare_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 /* Warmup + `iters` synchronised runs; *median_s gets the median time. */
 static qlora_status time_op(qlora_ctx *ctx, bench_fn fn, void *state, int iters, double *median_s) {
     double times[1024];
@@ -69,16 +59,15 @@ static qlora_status time_op(qlora_ctx *ctx, bench_fn fn, void *state, int iters,
     if (st == QLORA_OK)
         st = qlora_ctx_synchronize(ctx);
     for (int i = 0; i < iters && st == QLORA_OK; i++) {
-        double t0 = now_seconds();
+        double t0 = bench_now_s();
         st = fn(state);
         if (st == QLORA_OK)
             st = qlora_ctx_synchronize(ctx);
-        times[i] = now_seconds() - t0;
+        times[i] = bench_now_s() - t0;
     }
     if (st != QLORA_OK)
         return st;
-    qsort(times, (size_t)iters, sizeof times[0], compare_double);
-    *median_s = iters % 2 ? times[iters / 2] : 0.5 * (times[iters / 2 - 1] + times[iters / 2]);
+    *median_s = bench_median(times, iters);
     return QLORA_OK;
 }
 

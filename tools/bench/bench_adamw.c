@@ -19,6 +19,7 @@
  *    memory, so the CPU row measures memcpy between two host buffers, not a PCIe link.
  * The CPU reference kernels run the F32-gradient step on at most 8 million parameters.
  */
+#include "bench_util.h"
 #include "bench_adamw.h"
 
 #include <qlora.h>
@@ -89,17 +90,6 @@ typedef struct ab_run {
 
 /* ---- timing ---- */
 
-static double ab_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int ab_cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 typedef qlora_status (*ab_fn)(void *arg);
 
 /* One warm-up call, then `iters` calls each followed by qlora_ctx_synchronize: the median. */
@@ -109,16 +99,15 @@ static qlora_status ab_time(qlora_ctx *ctx, ab_fn fn, void *arg, int iters, doub
     if (st == QLORA_OK)
         st = qlora_ctx_synchronize(ctx);
     for (int i = 0; i < iters && st == QLORA_OK; i++) {
-        double t0 = ab_now();
+        double t0 = bench_now_s();
         st = fn(arg);
         if (st == QLORA_OK)
             st = qlora_ctx_synchronize(ctx);
-        t[i] = ab_now() - t0;
+        t[i] = bench_now_s() - t0;
     }
     if (st != QLORA_OK)
         return st;
-    qsort(t, (size_t)iters, sizeof t[0], ab_cmp_double);
-    *median = iters % 2 ? t[iters / 2] : 0.5 * (t[iters / 2 - 1] + t[iters / 2]);
+    *median = bench_median(t, iters);
     return QLORA_OK;
 }
 
@@ -149,24 +138,12 @@ typedef struct ab_set {
     qlora_tensor *param, *grad_f32, *grad_bf16;
 } ab_set;
 
-static uint64_t ab_next(uint64_t *state) {
-    uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
 /* Round to nearest even (the values are finite). */
 static uint16_t ab_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
-}
-
-/* Uniform in [-scale, scale). */
-static float ab_uniform(uint64_t *rng, float scale) {
-    return ((float)(ab_next(rng) >> 40) * 0x1p-24f * 2.0f - 1.0f) * scale;
 }
 
 /* The tensors of layer after layer until `target` elements; the last one loses rows to fit
@@ -253,8 +230,8 @@ static qlora_status ab_set_create(ab_set *s, qlora_ctx *ctx, const ab_shape *lay
         int64_t numel = shapes[i][0] * shapes[i][1];
         uint64_t rng = 1000 + (uint64_t)i;
         for (int64_t j = 0; j < numel; j++) {
-            hp[j] = ab_bf16(ab_uniform(&rng, 0.035f));
-            hg[j] = ab_uniform(&rng, 1e-3f);
+            hp[j] = ab_bf16(bench_uniform(&rng, 0.035f));
+            hg[j] = bench_uniform(&rng, 1e-3f);
             hgb[j] = ab_bf16(hg[j]);
         }
         char gname[80];

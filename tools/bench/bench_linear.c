@@ -12,6 +12,7 @@
  *    (weight + activation bytes) and TFLOP/s.
  * Each timing is the median of N synchronised runs after one warm-up.
  */
+#include "bench_util.h"
 #include "bench_linear.h"
 
 #include <qlora.h>
@@ -63,17 +64,6 @@ typedef struct lb_run {
 
 /* ---- timing ---- */
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 typedef struct lb_case lb_case;
 typedef qlora_status (*lb_fn)(lb_case *c);
 
@@ -112,16 +102,15 @@ static qlora_status time_median(lb_case *c, lb_fn fn, int iters, double *out) {
     if (st == QLORA_OK)
         st = sync_case(c);
     for (int i = 0; i < iters && st == QLORA_OK; i++) {
-        double t0 = now_s();
+        double t0 = bench_now_s();
         st = fn(c);
         if (st == QLORA_OK)
             st = sync_case(c);
-        t[i] = now_s() - t0;
+        t[i] = bench_now_s() - t0;
     }
     if (st != QLORA_OK)
         return st;
-    qsort(t, (size_t)iters, sizeof t[0], cmp_double);
-    *out = iters % 2 ? t[iters / 2] : 0.5 * (t[iters / 2 - 1] + t[iters / 2]);
+    *out = bench_median(t, iters);
     return QLORA_OK;
 }
 
@@ -205,17 +194,10 @@ static qlora_status cuda_base_train(lb_case *c) {
 
 /* ---- setup ---- */
 
-static uint64_t lb_next(uint64_t *state) {
-    uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
 /* Uniform values in [-scale, scale) as float32 (BF16 when bf16: the top half, truncated). */
 static void fill(void *dst, int64_t n, float scale, int bf16, uint64_t seed) {
     for (int64_t i = 0; i < n; i++) {
-        float v = ((float)(lb_next(&seed) >> 40) * 0x1p-24f * 2.0f - 1.0f) * scale;
+        float v = ((float)(bench_rng_next(&seed) >> 40) * 0x1p-24f * 2.0f - 1.0f) * scale;
         if (bf16) {
             uint32_t u;
             memcpy(&u, &v, 4);

@@ -23,6 +23,7 @@
  *    against qlora_mem_estimate(QLORA_REGIME_QLORA) of the same settings with no optimizer
  *    state (the bench runs no optimizer step).
  */
+#include "bench_util.h"
 #include "bench_model.h"
 #include "tool_cli.h"
 #include "tool_files.h"
@@ -83,34 +84,6 @@ static void set_err(bm_run *run, const char *fmt, ...) {
 }
 
 /* ---- timing */
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *t, int n) {
-    qsort(t, (size_t)n, sizeof t[0], cmp_double);
-    return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
-}
-
-static uint64_t bm_next(uint64_t *state) {
-    uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
-/* Uniform in [-scale, scale). */
-static float bm_uniform(uint64_t *state, float scale) {
-    return ((float)(bm_next(state) >> 40) * 0x1p-24f * 2.0f - 1.0f) * scale;
-}
-
 /* ---- the model shape */
 static qlora_model_config bench_config(int64_t hidden, int64_t layers, int64_t vocab) {
     qlora_model_config c;
@@ -159,20 +132,20 @@ static int dense_cpu(const qlora_model_config *c, int64_t T, int iters, double *
     }
     uint64_t rng = 7;
     for (int64_t i = 0; i < T * max_in; i++)
-        x[i] = bm_uniform(&rng, 1.0f);
+        x[i] = bench_uniform(&rng, 1.0f);
     for (int64_t i = 0; i < max_out * max_in; i++)
-        w[i] = bm_uniform(&rng, 0.035f); /* standard deviation 0.02 */
+        w[i] = bench_uniform(&rng, 0.035f); /* standard deviation 0.02 */
     double t[BM_MAX_ITERS];
     *layer_s = 0;
     for (int p = 0; p < 7; p++) {
         for (int k = -1; k < iters; k++) { /* k = -1: warm-up */
-            double t0 = now_s();
+            double t0 = bench_now_s();
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)out[p], (int)in[p], 1.0f, x, (int)in[p],
                         w, (int)in[p], 0.0f, y, (int)out[p]);
             if (k >= 0)
-                t[k] = now_s() - t0;
+                t[k] = bench_now_s() - t0;
         }
-        *layer_s += median(t, iters);
+        *layer_s += bench_median(t, iters);
     }
     free(x);
     free(w);
@@ -209,7 +182,7 @@ static int dense_cuda(const qlora_model_config *c, int64_t T, int iters, double 
     float scale[2] = {1.0f, 0.035f};
     for (int b = 0; b < 2; b++) {
         for (size_t i = 0; i < n[b]; i++) {
-            float v = bm_uniform(&rng, scale[b]);
+            float v = bench_uniform(&rng, scale[b]);
             uint32_t u;
             memcpy(&u, &v, 4);
             host[i] = (uint16_t)(u >> 16);
@@ -224,7 +197,7 @@ static int dense_cuda(const qlora_model_config *c, int64_t T, int iters, double 
     *layer_s = 0;
     for (int p = 0; p < 7; p++) {
         for (int k = -1; k < iters; k++) {
-            double t0 = now_s();
+            double t0 = bench_now_s();
             /* row-major Y = X·Wᵀ is column-major Yᵀ = W·Xᵀ: W stored [out, in] is Wᵀ column-major */
             cublasStatus_t st = cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, (int)out[p], (int)T, (int)in[p], &one, w,
                                              CUDA_R_16BF, (int)in[p], x, CUDA_R_16BF, (int)in[p], &zero, y,
@@ -234,9 +207,9 @@ static int dense_cuda(const qlora_model_config *c, int64_t T, int iters, double 
                 goto done;
             }
             if (k >= 0)
-                t[k] = now_s() - t0;
+                t[k] = bench_now_s() - t0;
         }
-        *layer_s += median(t, iters);
+        *layer_s += bench_median(t, iters);
     }
     rc = 0;
 done:
@@ -266,7 +239,7 @@ static int make_batch(int64_t seq, int64_t micro_batch, int64_t vocab, bm_batch 
         return -1;
     uint64_t rng = 11;
     for (int64_t t = 0; t < b->T; t++)
-        b->tokens[t] = (int32_t)(bm_next(&rng) % (uint64_t)vocab);
+        b->tokens[t] = (int32_t)(bench_rng_next(&rng) % (uint64_t)vocab);
     for (int64_t t = 0; t < b->T; t++) {
         b->seq_start[t] = (int32_t)(t / seq * seq);
         b->labels[t] = (t + 1) % seq == 0 ? -100 : b->tokens[t + 1];
@@ -315,15 +288,15 @@ static int model_step(bm_row *row, int cuda, bm_run *run) {
     for (int k = -1; k < row->iters; k++) {
         qlora_train_step_result res;
         step.rng_stream = (uint64_t)(k + 1);
-        double t0 = now_s();
+        double t0 = bench_now_s();
         if (qlora_model_forward_backward(model, &in, &step, &res) != QLORA_OK || qlora_ctx_synchronize(ctx) != QLORA_OK) {
             set_err(run, "%s", qlora_last_error());
             goto done;
         }
         if (k >= 0)
-            t[k] = now_s() - t0;
+            t[k] = bench_now_s() - t0;
     }
-    row->step_s = median(t, row->iters);
+    row->step_s = bench_median(t, row->iters);
     qlora_mem_stats st;
     if (qlora_mem_get_stats(ctx, &st) != QLORA_OK) {
         set_err(run, "%s", qlora_last_error());

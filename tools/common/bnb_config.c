@@ -15,14 +15,14 @@ char *tool_bnb_quantization_member(const tool_json_object *obj, qlora_quant_type
         snprintf(nl3, sizeof nl3, "\n%s%s%s", obj->indent, obj->indent, obj->indent);
     }
     const char *comma = obj->multiline ? "," : ", ";
-    char type[48], dq[48];
-    snprintf(type, sizeof type, "\"bnb_4bit_quant_type\": \"%s\"", qlora_quant_type_name(type));
+    char type_field[48], dq[48];
+    snprintf(type_field, sizeof type_field, "\"bnb_4bit_quant_type\": \"%s\"", qlora_quant_type_name(type));
     snprintf(dq, sizeof dq, "\"bnb_4bit_use_double_quant\": %s", double_quant ? "true" : "false");
     const char *fields[] = {"\"_load_in_4bit\": true",
                             "\"_load_in_8bit\": false",
                             "\"bnb_4bit_compute_dtype\": \"bfloat16\"",
                             "\"bnb_4bit_quant_storage\": \"uint8\"",
-                            type,
+                            type_field,
                             dq,
                             "\"llm_int8_enable_fp32_cpu_offload\": false",
                             "\"llm_int8_has_fp16_weight\": false",
