@@ -32,12 +32,6 @@
 
 /* ------------------------------------------------------------------ helpers */
 
-static void *xmalloc(size_t bytes) {
-    void *p = malloc(bytes ? bytes : 1);
-    ck_assert_ptr_nonnull(p);
-    return p;
-}
-
 static size_t grad_size(qlora_dtype d) { return d == QLORA_F32 ? 4 : 2; }
 
 static double grad_at(const void *grad, qlora_dtype d, int64_t i) {
@@ -74,11 +68,11 @@ typedef struct state {
 static state state_new(tu_rng *rng, int64_t n, int with_master) {
     state s;
     s.n = n;
-    s.param = xmalloc((size_t)n * 2);
-    s.master = with_master ? xmalloc((size_t)n * 4) : NULL;
-    s.m = xmalloc((size_t)n * 4);
-    s.v = xmalloc((size_t)n * 4);
-    float *p = xmalloc((size_t)n * 4);
+    s.param = tu_xmalloc((size_t)n * 2);
+    s.master = with_master ? tu_xmalloc((size_t)n * 4) : NULL;
+    s.m = tu_xmalloc((size_t)n * 4);
+    s.v = tu_xmalloc((size_t)n * 4);
+    float *p = tu_xmalloc((size_t)n * 4);
     tu_fill_normal(rng, p, n, 0.5f);
     for (int64_t i = 0; i < n; i++) {
         s.param[i] = ql_f32_to_bf16(p[i]);
@@ -93,14 +87,14 @@ static state state_new(tu_rng *rng, int64_t n, int with_master) {
 
 static state state_copy(const state *a) {
     state s = *a;
-    s.param = xmalloc((size_t)a->n * 2);
+    s.param = tu_xmalloc((size_t)a->n * 2);
     memcpy(s.param, a->param, (size_t)a->n * 2);
     if (a->master) {
-        s.master = xmalloc((size_t)a->n * 4);
+        s.master = tu_xmalloc((size_t)a->n * 4);
         memcpy(s.master, a->master, (size_t)a->n * 4);
     }
-    s.m = xmalloc((size_t)a->n * 4);
-    s.v = xmalloc((size_t)a->n * 4);
+    s.m = tu_xmalloc((size_t)a->n * 4);
+    s.v = tu_xmalloc((size_t)a->n * 4);
     memcpy(s.m, a->m, (size_t)a->n * 4);
     memcpy(s.v, a->v, (size_t)a->n * 4);
     return s;
@@ -186,10 +180,10 @@ static void check_against_fp64(const hyper *h, qlora_dtype grad_dtype, int with_
     tu_rng rng;
     tu_rng_init(&rng, tu_seed() ^ (uint64_t)(grad_dtype * 2 + with_master));
     state s = state_new(&rng, n, with_master);
-    fp64_elem *ref = xmalloc((size_t)n * sizeof *ref);
+    fp64_elem *ref = tu_xmalloc((size_t)n * sizeof *ref);
     err_bound *bound = calloc((size_t)n, sizeof *bound);
-    float *mean = xmalloc((size_t)n * 4);
-    void *grad = xmalloc((size_t)n * grad_size(grad_dtype));
+    float *mean = tu_xmalloc((size_t)n * 4);
+    void *grad = tu_xmalloc((size_t)n * grad_size(grad_dtype));
     ck_assert_ptr_nonnull(bound);
     tu_fill_normal(&rng, mean, n, 1.0f);
     for (int64_t i = 0; i < n; i++) {
@@ -199,9 +193,9 @@ static void check_against_fp64(const hyper *h, qlora_dtype grad_dtype, int with_
     double worst[3] = {0.0, 0.0, 0.0}; /* largest error / allowed, for p, m, v */
     for (int64_t t = 1; t <= steps; t++) {
         fill_grad(&rng, grad, grad_dtype, n, mean);
-        uint16_t *p_before = xmalloc((size_t)n * 2);
+        uint16_t *p_before = tu_xmalloc((size_t)n * 2);
         memcpy(p_before, s.param, (size_t)n * 2);
-        fp64_elem *from_float = xmalloc((size_t)n * sizeof *from_float);
+        fp64_elem *from_float = tu_xmalloc((size_t)n * sizeof *from_float);
         for (int64_t i = 0; i < n; i++)
             from_float[i] = (fp64_elem){ql_bf16_to_f32(s.param[i]), s.m[i], s.v[i]};
 
@@ -355,7 +349,7 @@ START_TEST(grad_scale_and_zero_decay) {
     const int64_t n = 999;
     state a = state_new(&rng, n, 1);
     state b = state_copy(&a);
-    float *g = xmalloc((size_t)n * 4), *g2 = xmalloc((size_t)n * 4);
+    float *g = tu_xmalloc((size_t)n * 4), *g2 = tu_xmalloc((size_t)n * 4);
     fill_grad(&rng, g, QLORA_F32, n, NULL);
     for (int64_t i = 0; i < n; i++)
         g2[i] = 2.0f * g[i];
@@ -412,7 +406,7 @@ START_TEST(fast_equals_reference_bit_for_bit) {
                 for (int offset = 0; offset < 2; offset++) {
                     state base = warm_state(&rng, n + offset, with_master);
                     state want = state_copy(&base);
-                    void *grad = xmalloc((size_t)(n + offset) * 4);
+                    void *grad = tu_xmalloc((size_t)(n + offset) * 4);
                     fill_grad(&rng, grad, dtypes[d], n + offset, NULL);
                     const char *g = (const char *)grad + (size_t)offset * grad_size(dtypes[d]);
                     for (int t = 1; t <= 3; t++) {
@@ -467,7 +461,7 @@ START_TEST(sumsq_fast_equals_reference_and_is_accurate) {
     for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
         int64_t n = sizes[k];
         for (int d = 0; d < 2; d++) {
-            void *grad = xmalloc((size_t)n * grad_size(dtypes[d]));
+            void *grad = tu_xmalloc((size_t)n * grad_size(dtypes[d]));
             fill_grad(&rng, grad, dtypes[d], n, NULL);
             int bad_ref = -1;
             double ref = ql_grad_sumsq_ref(grad, dtypes[d], n, &bad_ref);
@@ -497,8 +491,8 @@ START_TEST(sumsq_flags_nan_and_inf_anywhere) {
     const int64_t n = 2 * 65536 + 11;
     const int64_t where[] = {0, 1, 65535, 65536, 100000, n - 1};
     const float bad_values[3] = {NAN, INFINITY, -INFINITY};
-    float *g = xmalloc((size_t)n * 4);
-    uint16_t *h = xmalloc((size_t)n * 2);
+    float *g = tu_xmalloc((size_t)n * 4);
+    uint16_t *h = tu_xmalloc((size_t)n * 2);
     tu_rng rng;
     tu_rng_init(&rng, tu_seed());
     tu_fill_normal(&rng, g, n, 1.0f);
@@ -562,7 +556,7 @@ START_TEST(cuda_matches_reference) {
                     size_t gs = grad_size(dtypes[d]);
                     state want = warm_state(&rng, total, with_master);
                     state init = state_copy(&want);
-                    void *grad = xmalloc((size_t)total * gs);
+                    void *grad = tu_xmalloc((size_t)total * gs);
                     fill_grad(&rng, grad, dtypes[d], total, NULL);
                     void *d_param, *d_master = NULL, *d_grad, *d_m, *d_v;
                     ck_assert_qlora_ok(qlora_alloc(ctx, (size_t)total * 2, 1, QLORA_MEM_WORKSPACE, &d_param));
@@ -640,8 +634,8 @@ START_TEST(cuda_sumsq_flags_nonfinite) {
     qlora_ctx *ctx = tu_cuda_ctx();
     ql_cuda_state *cs = (ql_cuda_state *)ctx->cuda;
     const int64_t n = 3 * 1000003;
-    float *g = xmalloc((size_t)n * 4);
-    uint16_t *h = xmalloc((size_t)n * 2);
+    float *g = tu_xmalloc((size_t)n * 4);
+    uint16_t *h = tu_xmalloc((size_t)n * 2);
     tu_rng rng;
     tu_rng_init(&rng, tu_seed());
     tu_fill_normal(&rng, g, n, 1.0f);

@@ -41,21 +41,7 @@ static const double BF = 1.0 / 256.0;
 
 /* ------------------------------------------------------------------ helpers */
 
-static void *xmalloc(size_t n) {
-    void *p = calloc(n ? n : 1, 1);
-    ck_assert_ptr_nonnull(p);
-    return p;
-}
-
 static double bf(uint16_t h) { return ql_bf16_to_f32(h); }
-
-static uint16_t *random_bf16(tu_rng *rng, int64_t n, float sigma) {
-    float *f = xmalloc((size_t)n * sizeof(float));
-    tu_fill_normal(rng, f, n, sigma);
-    uint16_t *h = tu_to_dtype(f, n, QLORA_BF16);
-    free(f);
-    return h;
-}
 
 /* One BF16 ulp at the magnitude of v. */
 static double bf16_ulp(double v) {
@@ -105,7 +91,7 @@ static void *dptr(const dbuf *b) { return b->base + GUARD + b->off; }
 static dbuf dnew(qlora_ctx *ctx, size_t bytes, size_t off) {
     dbuf b = {ctx, NULL, bytes, off};
     ck_assert_qlora_ok(qlora_alloc(ctx, dtotal(&b), 1, QLORA_MEM_WORKSPACE, (void **)&b.base));
-    uint8_t *h = xmalloc(dtotal(&b));
+    uint8_t *h = tu_xmalloc(dtotal(&b));
     memset(h, POISON, dtotal(&b));
     ck_assert_qlora_ok(ql_ctx_memcpy(ctx, b.base, h, dtotal(&b)));
     free(h);
@@ -120,7 +106,7 @@ static dbuf dfrom(qlora_ctx *ctx, const void *host, size_t bytes, size_t off) {
 
 /* Downloads the payload into `out`, checking that nothing outside it was written. */
 static void dget(const dbuf *b, void *out, const char *what) {
-    uint8_t *h = xmalloc(dtotal(b));
+    uint8_t *h = tu_xmalloc(dtotal(b));
     ck_assert_qlora_ok(ql_ctx_memcpy(b->ctx, h, b->base, dtotal(b)));
     size_t first = GUARD + b->off;
     for (size_t i = 0; i < dtotal(b); i++)
@@ -131,7 +117,7 @@ static void dget(const dbuf *b, void *out, const char *what) {
 }
 
 static void *dload(const dbuf *b, const char *what) {
-    void *out = xmalloc(b->bytes);
+    void *out = tu_xmalloc(b->bytes);
     dget(b, out, what);
     return out;
 }
@@ -171,7 +157,7 @@ static void assert_close(const char *what, const double *got, const double *want
 }
 
 static double *bf16_to_doubles(const uint16_t *h, int64_t n) {
-    double *d = xmalloc((size_t)n * sizeof(double));
+    double *d = tu_xmalloc((size_t)n * sizeof(double));
     for (int64_t i = 0; i < n; i++)
         d[i] = bf(h[i]);
     return d;
@@ -182,8 +168,8 @@ static double *bf16_to_doubles(const uint16_t *h, int64_t n) {
 static void rmsnorm_case(gpu *g, tu_rng *rng, int64_t rows, int64_t dim, float sigma) {
     const float eps = 1e-5f;
     int64_t n = rows * dim;
-    uint16_t *x = random_bf16(rng, n, sigma), *w = random_bf16(rng, dim, 1.0f), *dy = random_bf16(rng, n, 1.0f);
-    uint16_t *y_cpu = xmalloc(n * 2), *dx_cpu = xmalloc(n * 2);
+    uint16_t *x = tu_random_bf16(rng, n, sigma), *w = tu_random_bf16(rng, dim, 1.0f), *dy = tu_random_bf16(rng, n, 1.0f);
+    uint16_t *y_cpu = tu_xmalloc(n * 2), *dx_cpu = tu_xmalloc(n * 2);
     ck_assert_qlora_ok(ql_rmsnorm_forward(g->cpu, x, w, rows, dim, eps, y_cpu));
     ck_assert_qlora_ok(ql_rmsnorm_backward(g->cpu, x, w, dy, rows, dim, eps, dx_cpu));
 
@@ -195,7 +181,7 @@ static void rmsnorm_case(gpu *g, tu_rng *rng, int64_t rows, int64_t dim, float s
     assert_bf16_close("rmsnorm forward", y_gpu, y_cpu, n, 0);
 
     /* backward: the row mean of g·n̂ may differ by 2·U·Σ|g·n̂| (see the header) */
-    double *got = bf16_to_doubles(dx_gpu, n), *want = bf16_to_doubles(dx_cpu, n), *tol = xmalloc(n * 8);
+    double *got = bf16_to_doubles(dx_gpu, n), *want = bf16_to_doubles(dx_cpu, n), *tol = tu_xmalloc(n * 8);
     for (int64_t r = 0; r < rows; r++) {
         double ss = 0.0, abs_gn = 0.0;
         for (int64_t i = 0; i < dim; i++)
@@ -229,7 +215,7 @@ END_TEST
 /* ------------------------------------------------------------------ RoPE */
 
 static void rope_case(gpu *g, tu_rng *rng, int head_dim, int heads, int64_t tokens) {
-    int32_t *pos = xmalloc(tokens * 4);
+    int32_t *pos = tu_xmalloc(tokens * 4);
     int32_t max_pos = 0;
     for (int64_t t = 0; t < tokens; t++) { /* packed: positions restart at 0 twice */
         pos[t] = (int32_t)(t < tokens / 3 ? t : t < tokens / 2 ? t - tokens / 3 : t - tokens / 2);
@@ -241,14 +227,14 @@ static void rope_case(gpu *g, tu_rng *rng, int head_dim, int heads, int64_t toke
     ck_assert_qlora_ok(ql_rope_table_init(g->cuda, &p, max_pos + 1, &tg));
     /* the CUDA context's table lives on the device and holds the same bits */
     int64_t tn = (int64_t)(max_pos + 1) * (head_dim / 2);
-    uint16_t *tab = xmalloc(2 * tn * 2);
+    uint16_t *tab = tu_xmalloc(2 * tn * 2);
     ck_assert_qlora_ok(ql_ctx_memcpy(g->cuda, tab, tg.cos, tn * 2));
     ck_assert_qlora_ok(ql_ctx_memcpy(g->cuda, tab + tn, tg.sin, tn * 2));
     ck_assert_mem_eq(tab, tc.cos, tn * 2);
     ck_assert_mem_eq(tab + tn, tc.sin, tn * 2);
 
     int64_t n = tokens * heads * head_dim;
-    uint16_t *x = random_bf16(rng, n, 2.0f), *want = xmalloc(n * 2);
+    uint16_t *x = tu_random_bf16(rng, n, 2.0f), *want = tu_xmalloc(n * 2);
     dbuf dpos = dfrom(g->cuda, pos, tokens * 4, 0);
     for (int backward = 0; backward < 2; backward++) {
         memcpy(want, x, n * 2);
@@ -287,8 +273,8 @@ END_TEST
 
 /* off: bytes past 16-byte alignment of every device operand (2: the one-by-one path) */
 static void swiglu_case(gpu *g, tu_rng *rng, int64_t n, size_t off) {
-    uint16_t *gate = random_bf16(rng, n, 3.0f), *up = random_bf16(rng, n, 1.0f), *dout = random_bf16(rng, n, 1.0f);
-    uint16_t *out = xmalloc(n * 2), *dg = xmalloc(n * 2), *du = xmalloc(n * 2);
+    uint16_t *gate = tu_random_bf16(rng, n, 3.0f), *up = tu_random_bf16(rng, n, 1.0f), *dout = tu_random_bf16(rng, n, 1.0f);
+    uint16_t *out = tu_xmalloc(n * 2), *dg = tu_xmalloc(n * 2), *du = tu_xmalloc(n * 2);
     ck_assert_qlora_ok(ql_swiglu_forward(g->cpu, gate, up, n, out));
     ck_assert_qlora_ok(ql_swiglu_backward(g->cpu, gate, up, dout, n, dg, du));
     dbuf dgate = dfrom(g->cuda, gate, n * 2, off), dup_ = dfrom(g->cuda, up, n * 2, off);
@@ -310,7 +296,7 @@ static void swiglu_case(gpu *g, tu_rng *rng, int64_t n, size_t off) {
 }
 
 static void add_case(gpu *g, tu_rng *rng, int64_t n, size_t off) {
-    uint16_t *a = random_bf16(rng, n, 1.0f), *b = random_bf16(rng, n, 0.3f), *want = xmalloc(n * 2);
+    uint16_t *a = tu_random_bf16(rng, n, 1.0f), *b = tu_random_bf16(rng, n, 0.3f), *want = tu_xmalloc(n * 2);
     memcpy(want, a, n * 2);
     ck_assert_qlora_ok(ql_add_bf16(g->cpu, want, b, n));
     dbuf da = dfrom(g->cuda, a, n * 2, off), db = dfrom(g->cuda, b, n * 2, off);
@@ -345,7 +331,7 @@ START_TEST(test_embedding_matches_cpu_and_reports_bad_ids) {
     const int64_t hiddens[2] = {72, 30}; /* 16-byte rows, then 2-byte copies */
     for (int c = 0; c < 2; c++) {
         int64_t H = hiddens[c];
-        uint16_t *table = random_bf16(&rng, V * H, 1.0f), *want = xmalloc(T * H * 2);
+        uint16_t *table = tu_random_bf16(&rng, V * H, 1.0f), *want = tu_xmalloc(T * H * 2);
         int32_t ids[50];
         for (int64_t t = 0; t < T; t++)
             ids[t] = (int32_t)(tu_next(&rng) % V);
@@ -390,12 +376,12 @@ static attn_ref attn_fp64(const ql_attn_shape *s, const int32_t *seq_start, cons
     const int nh = s->heads, nkv = s->kv_heads, d = s->head_dim, group = nh / nkv;
     const double scale = 1.0 / sqrt((double)d);
     attn_ref r;
-    r.out = xmalloc(T * nh * d * 8), r.a_out = xmalloc(T * nh * d * 8), r.lse = xmalloc(T * nh * 8);
-    r.dq = xmalloc(T * nh * d * 8), r.a_dq = xmalloc(T * nh * d * 8);
-    r.dk = xmalloc(T * nkv * d * 8), r.a_dk = xmalloc(T * nkv * d * 8);
-    r.dv = xmalloc(T * nkv * d * 8), r.a_dv = xmalloc(T * nkv * d * 8);
+    r.out = tu_xmalloc(T * nh * d * 8), r.a_out = tu_xmalloc(T * nh * d * 8), r.lse = tu_xmalloc(T * nh * 8);
+    r.dq = tu_xmalloc(T * nh * d * 8), r.a_dq = tu_xmalloc(T * nh * d * 8);
+    r.dk = tu_xmalloc(T * nkv * d * 8), r.a_dk = tu_xmalloc(T * nkv * d * 8);
+    r.dv = tu_xmalloc(T * nkv * d * 8), r.a_dv = tu_xmalloc(T * nkv * d * 8);
     r.s_max = 0.0;
-    double *p = xmalloc(T * 8), *dp = xmalloc(T * 8), *dp_abs = xmalloc(T * 8);
+    double *p = tu_xmalloc(T * 8), *dp = tu_xmalloc(T * 8), *dp_abs = tu_xmalloc(T * 8);
     for (int64_t t = 0; t < T; t++)
         for (int h = 0; h < nh; h++) {
             const int64_t row = t * nh + h, s0 = key_start(seq_start, t);
@@ -460,7 +446,7 @@ static void attn_ref_free(attn_ref *r) {
 
 static void check_against_fp64(const char *what, const uint16_t *got, const double *want, const double *mag,
                                int64_t n, double k_u) {
-    double *g = bf16_to_doubles(got, n), *tol = xmalloc(n * 8);
+    double *g = bf16_to_doubles(got, n), *tol = tu_xmalloc(n * 8);
     for (int64_t i = 0; i < n; i++)
         tol[i] = 1.01 * BF * fabs(want[i]) + k_u * mag[i] + 1e-30;
     assert_close(what, g, want, tol, n);
@@ -474,10 +460,10 @@ static void attention_case(gpu *g, tu_rng *rng, int64_t T, int nh, int nkv, int 
     char what[160];
     ql_attn_shape s = {T, nh, nkv, d};
     const int64_t nq = T * nh * d, nk = T * nkv * d;
-    uint16_t *q = random_bf16(rng, nq, 1.0f), *k = random_bf16(rng, nk, 1.0f), *v = random_bf16(rng, nk, 1.0f);
-    uint16_t *dout = random_bf16(rng, nq, 1.0f);
-    uint16_t *out_cpu = xmalloc(nq * 2);
-    float *lse_cpu = xmalloc(T * nh * 4);
+    uint16_t *q = tu_random_bf16(rng, nq, 1.0f), *k = tu_random_bf16(rng, nk, 1.0f), *v = tu_random_bf16(rng, nk, 1.0f);
+    uint16_t *dout = tu_random_bf16(rng, nq, 1.0f);
+    uint16_t *out_cpu = tu_xmalloc(nq * 2);
+    float *lse_cpu = tu_xmalloc(T * nh * 4);
     ck_assert_qlora_ok(ql_attention_forward(g->cpu, &s, q, k, v, seq_start, out_cpu, lse_cpu));
 
     dbuf dq_in = dfrom(g->cuda, q, nq * 2, off), dk_in = dfrom(g->cuda, k, nk * 2, off);
@@ -514,7 +500,7 @@ static void attention_case(gpu *g, tu_rng *rng, int64_t T, int nh, int nkv, int 
     check_against_fp64(part, gv, r.dv, r.a_dv, nk, k_u);
     /* lse against FP64 and the CPU: float32 scores (d + 2 roundings of terms up to S) and the
      * log of a sum of L terms */
-    double *lg = xmalloc(T * nh * 8), *lc = xmalloc(T * nh * 8), *lt = xmalloc(T * nh * 8);
+    double *lg = tu_xmalloc(T * nh * 8), *lc = tu_xmalloc(T * nh * 8), *lt = tu_xmalloc(T * nh * 8);
     for (int64_t i = 0; i < T * nh; i++) {
         lg[i] = lse[i];
         lc[i] = lse_cpu[i];
@@ -536,7 +522,7 @@ static void attention_case(gpu *g, tu_rng *rng, int64_t T, int nh, int nkv, int 
 
 /* seq_start for sequences starting at the given tokens (the first must be 0). */
 static int32_t *packed(int64_t T, const int64_t *starts, int n) {
-    int32_t *ss = xmalloc(T * 4);
+    int32_t *ss = tu_xmalloc(T * 4);
     for (int64_t t = 0, i = 0; t < T; t++) {
         while (i + 1 < n && starts[i + 1] <= t)
             i++;
@@ -634,7 +620,7 @@ static double decode_fp64(const ql_attn_shape *s, int64_t past, const uint16_t *
                           const uint16_t *v, double *out, double *mag) {
     const int nh = s->heads, nkv = s->kv_heads, d = s->head_dim, group = nh / nkv;
     const double scale = 1.0 / sqrt((double)d);
-    double *p = xmalloc((past + s->tokens) * 8), abs_max = 0.0;
+    double *p = tu_xmalloc((past + s->tokens) * 8), abs_max = 0.0;
     for (int64_t i = 0; i < s->tokens; i++)
         for (int h = 0; h < nh; h++) {
             const int64_t row = i * nh + h, last = past + i;
@@ -684,12 +670,12 @@ static void decode_case(gpu *g, tu_rng *rng, int64_t past, int64_t tq, int nh, i
              (long long)tq, nh, nkv, d, off);
     ql_attn_shape s = {tq, nh, nkv, d};
     const int64_t L = past + tq, nq = tq * nh * d, nk = L * nkv * d;
-    uint16_t *q = random_bf16(rng, nq, 1.0f), *k = random_bf16(rng, nk, 1.0f), *v = random_bf16(rng, nk, 1.0f);
+    uint16_t *q = tu_random_bf16(rng, nq, 1.0f), *k = tu_random_bf16(rng, nk, 1.0f), *v = tu_random_bf16(rng, nk, 1.0f);
     for (int64_t c = 0; c < nkv * d; c++) { /* ×32 is exact in BF16 */
         v[c] = ql_f32_to_bf16(32.0f * ql_bf16_to_f32(v[c]));
         v[(L - 1) * nkv * d + c] = ql_f32_to_bf16(32.0f * ql_bf16_to_f32(v[(L - 1) * nkv * d + c]));
     }
-    uint16_t *out_cpu = xmalloc(nq * 2);
+    uint16_t *out_cpu = tu_xmalloc(nq * 2);
     ck_assert_qlora_ok(ql_attention_decode(g->cpu, &s, q, k, v, past, out_cpu));
 
     dbuf dq = dfrom(g->cuda, q, nq * 2, off), dk = dfrom(g->cuda, k, nk * 2, off), dv = dfrom(g->cuda, v, nk * 2, off);
@@ -697,7 +683,7 @@ static void decode_case(gpu *g, tu_rng *rng, int64_t past, int64_t tq, int nh, i
     ck_assert_qlora_ok(ql_attention_decode(g->cuda, &s, dptr(&dq), dptr(&dk), dptr(&dv), past, dptr(&dout)));
     uint16_t *got = dload(&dout, what);
 
-    double *want = xmalloc(nq * 8), *mag = xmalloc(nq * 8), *tol = xmalloc(nq * 8);
+    double *want = tu_xmalloc(nq * 8), *mag = tu_xmalloc(nq * 8), *tol = tu_xmalloc(nq * 8);
     const double S = decode_fp64(&s, past, q, k, v, want, mag);
     const double k_u = (2.0 * (L + d) + 4.0 * (d + 2) * S + 64.0) * U;
     for (int64_t i = 0; i < nq; i++)
@@ -799,7 +785,7 @@ typedef struct xent_case {
 static double xent_fp64(const xent_case *c, const uint16_t *hidden, const uint16_t *head, const int32_t *labels,
                         double denom, double *g, double *row_abs) {
     double total = 0.0;
-    double *logit = xmalloc(c->V * 8);
+    double *logit = tu_xmalloc(c->V * 8);
     for (int64_t t = 0; t < c->T; t++) {
         row_abs[t] = 0.0;
         double mx = -INFINITY;
@@ -832,11 +818,11 @@ static double xent_fp64(const xent_case *c, const uint16_t *hidden, const uint16
 
 static void xent_run_case(gpu *g, tu_rng *rng, const xent_case *c, int32_t *labels) {
     const int64_t T = c->T, H = c->H, V = c->V;
-    uint16_t *hidden = random_bf16(rng, T * H, 1.0f), *head = random_bf16(rng, V * H, 0.3f);
+    uint16_t *hidden = tu_random_bf16(rng, T * H, 1.0f), *head = tu_random_bf16(rng, V * H, 0.3f);
     ql_xent_args a = {hidden, head, labels, T, H, V, c->chunk, c->denom};
     double loss_cpu = 0.0, loss_gpu = 0.0, loss_only = 0.0;
     int64_t count_cpu = -1, count_gpu = -1, count_only = -1;
-    uint16_t *dh_cpu = xmalloc(T * H * 2);
+    uint16_t *dh_cpu = tu_xmalloc(T * H * 2);
     ck_assert_qlora_ok(ql_cross_entropy(g->cpu, &a, &loss_cpu, &count_cpu, dh_cpu));
 
     dbuf dh = dfrom(g->cuda, hidden, T * H * 2, 0), dw = dfrom(g->cuda, head, V * H * 2, 0);
@@ -850,7 +836,7 @@ static void xent_run_case(gpu *g, tu_rng *rng, const xent_case *c, int32_t *labe
     ck_assert_msg(loss_only == loss_gpu, "loss without dhidden %.17g != %.17g", loss_only, loss_gpu);
 
     double denom = c->denom > 0.0 ? c->denom : (double)(count_cpu > 0 ? count_cpu : 1);
-    double *gr = xmalloc(T * V * 8), *row_abs = xmalloc(T * 8);
+    double *gr = tu_xmalloc(T * V * 8), *row_abs = tu_xmalloc(T * 8);
     double loss_ref = xent_fp64(c, hidden, head, labels, denom, gr, row_abs);
     double logit_err = 0.0; /* both sides' float32 logits vs the exact ones */
     for (int64_t t = 0; t < T; t++)
@@ -863,7 +849,7 @@ static void xent_run_case(gpu *g, tu_rng *rng, const xent_case *c, int32_t *labe
                       "loss: GPU %.12g, CPU %.12g, FP64 %.12g, tol %.3g", loss_gpu, loss_cpu, loss_ref, tol);
     }
     /* dhidden: A = Σ_v |g_v|·|w_vh| (see the header) */
-    double *got = bf16_to_doubles(dh_gpu, T * H), *want = xmalloc(T * H * 8), *tol = xmalloc(T * H * 8);
+    double *got = bf16_to_doubles(dh_gpu, T * H), *want = tu_xmalloc(T * H * 8), *tol = tu_xmalloc(T * H * 8);
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < H; h++) {
             /* A = Σ|g_v·w_vh|; Pw = Σ (p_v/denom)·|w_vh|: a logit error ε moves p_v by about 2ε·p_v */
@@ -886,7 +872,7 @@ static void xent_run_case(gpu *g, tu_rng *rng, const xent_case *c, int32_t *labe
     assert_close("cross-entropy dhidden vs the CPU", got, want, tol, T * H);
 
     /* the logits themselves */
-    float *lc = xmalloc(T * V * 4), *lg = xmalloc(T * V * 4);
+    float *lc = tu_xmalloc(T * V * 4), *lg = tu_xmalloc(T * V * 4);
     ck_assert_qlora_ok(ql_lm_head_logits(g->cpu, hidden, head, T, H, V, lc));
     dbuf dlog = dnew(g->cuda, T * V * 4, 0);
     ck_assert_qlora_ok(ql_lm_head_logits(g->cuda, dptr(&dh), dptr(&dw), T, H, V, dptr(&dlog)));
@@ -915,7 +901,7 @@ START_TEST(test_cross_entropy_matches_cpu) {
     };
     for (int c = 0; c < 3; c++) {
         const xent_case *xc = &cases[c];
-        int32_t *labels = xmalloc(xc->T * 4);
+        int32_t *labels = tu_xmalloc(xc->T * 4);
         for (int64_t t = 0; t < xc->T; t++)
             labels[t] = (tu_next(&rng) % 3 == 0 || (t >= 128 && t < 256)) ? QL_IGNORE_INDEX
                                                                           : (int32_t)(tu_next(&rng) % xc->V);
@@ -933,7 +919,7 @@ START_TEST(test_cross_entropy_ignored_and_bad_labels) {
     tu_rng rng;
     tu_rng_init(&rng, tu_seed());
     const int64_t T = 60, H = 16, V = 50;
-    uint16_t *hidden = random_bf16(&rng, T * H, 1.0f), *head = random_bf16(&rng, V * H, 1.0f);
+    uint16_t *hidden = tu_random_bf16(&rng, T * H, 1.0f), *head = tu_random_bf16(&rng, V * H, 1.0f);
     int32_t labels[60];
     for (int t = 0; t < T; t++)
         labels[t] = QL_IGNORE_INDEX;

@@ -32,27 +32,12 @@
 
 static const double U = 1.0 / 16777216.0; /* 2^-24, float32 unit roundoff */
 
-static void *xmalloc(size_t n) {
-    void *p = calloc(n ? n : 1, 1);
-    ck_assert_ptr_nonnull(p);
-    return p;
-}
-
 static double bf(uint16_t h) { return ql_bf16_to_f32(h); }
-
-/* BF16 normal values with standard deviation sigma. */
-static uint16_t *random_bf16(tu_rng *rng, int64_t n, float sigma) {
-    float *f = xmalloc((size_t)n * sizeof(float));
-    tu_fill_normal(rng, f, n, sigma);
-    uint16_t *h = tu_to_dtype(f, n, QLORA_BF16);
-    free(f);
-    return h;
-}
 
 /* A host copy (malloc'ed) of any tensor the context reaches. */
 static void *to_host(qlora_ctx *ctx, const qlora_tensor *t) {
     size_t n = qlora_tensor_nbytes(t);
-    void *host = xmalloc(n);
+    void *host = tu_xmalloc(n);
     qlora_tensor h = *t;
     h.data = host;
     h.device = QLORA_DEVICE_HOST;
@@ -73,7 +58,7 @@ static double *dequantized(qlora_ctx *ctx, const qlora_qtensor *q) {
     qlora_tensor d = tu_device_tensor(ctx, "w32", QLORA_F32, 1, shape, NULL);
     ck_assert_qlora_ok(qlora_dequantize(ctx, q, &d));
     float *f = to_host(ctx, &d);
-    double *w = xmalloc((size_t)q->numel * sizeof(double));
+    double *w = tu_xmalloc((size_t)q->numel * sizeof(double));
     for (int64_t i = 0; i < q->numel; i++)
         w[i] = f[i];
     free(f);
@@ -114,7 +99,7 @@ static void assert_close(const char *what, const double *got, const double *want
 }
 
 static double *bf16_to_doubles(const uint16_t *h, int64_t n) {
-    double *d = xmalloc((size_t)n * sizeof(double));
+    double *d = tu_xmalloc((size_t)n * sizeof(double));
     for (int64_t i = 0; i < n; i++)
         d[i] = bf(h[i]);
     return d;
@@ -123,7 +108,7 @@ static double *bf16_to_doubles(const uint16_t *h, int64_t n) {
 static double *grads_to_doubles(const void *g, qlora_dtype dtype, int64_t n) {
     if (dtype == QLORA_BF16)
         return bf16_to_doubles(g, n);
-    double *d = xmalloc((size_t)n * sizeof(double));
+    double *d = tu_xmalloc((size_t)n * sizeof(double));
     for (int64_t i = 0; i < n; i++)
         d[i] = ((const float *)g)[i];
     return d;
@@ -196,8 +181,8 @@ static void ref_forward(const ref_layer *L, double *y, double *tol) {
     double *x = bf16_to_doubles(L->x, L->m * L->k);
     double *h[QLORA_LINEAR_MAX_ADAPTERS], *habs[QLORA_LINEAR_MAX_ADAPTERS];
     for (int a = 0; a < L->count; a++) {
-        h[a] = xmalloc((size_t)(L->m * L->ad[a].r) * sizeof(double));
-        habs[a] = xmalloc((size_t)(L->m * L->ad[a].r) * sizeof(double));
+        h[a] = tu_xmalloc((size_t)(L->m * L->ad[a].r) * sizeof(double));
+        habs[a] = tu_xmalloc((size_t)(L->m * L->ad[a].r) * sizeof(double));
         ref_h(L, x, &L->ad[a], h[a], habs[a]);
     }
     double g = gamma_n(L->k + rank_sum(L));
@@ -242,10 +227,10 @@ static void ref_backward(const ref_layer *L, const uint16_t *dy16, ref_grads *ou
     for (int a = 0; a < L->count; a++) {
         const ref_adapter *ad = &L->ad[a];
         int r = ad->r;
-        double *h = xmalloc((size_t)(M * r) * sizeof(double)), *habs = xmalloc((size_t)(M * r) * sizeof(double));
+        double *h = tu_xmalloc((size_t)(M * r) * sizeof(double)), *habs = tu_xmalloc((size_t)(M * r) * sizeof(double));
         ref_h(L, x, ad, h, habs);
-        gm[a] = xmalloc((size_t)(M * r) * sizeof(double));
-        gabs[a] = xmalloc((size_t)(M * r) * sizeof(double));
+        gm[a] = tu_xmalloc((size_t)(M * r) * sizeof(double));
+        gabs[a] = tu_xmalloc((size_t)(M * r) * sizeof(double));
         for (int64_t i = 0; i < M; i++)
             for (int j = 0; j < r; j++) {
                 double s = 0, sa = 0;
@@ -315,15 +300,15 @@ static void ref_backward(const ref_layer *L, const uint16_t *dy16, ref_grads *ou
 static void ref_grads_alloc(ref_grads *g, const ref_layer *L, int with_dx) {
     memset(g, 0, sizeof *g);
     if (with_dx) {
-        g->dx = xmalloc((size_t)(L->m * L->k) * sizeof(double));
-        g->dx_tol = xmalloc((size_t)(L->m * L->k) * sizeof(double));
+        g->dx = tu_xmalloc((size_t)(L->m * L->k) * sizeof(double));
+        g->dx_tol = tu_xmalloc((size_t)(L->m * L->k) * sizeof(double));
     }
     for (int a = 0; a < L->count; a++) {
         size_t na = (size_t)(L->ad[a].r * L->k), nb = (size_t)(L->n * L->ad[a].r);
-        g->da[a] = xmalloc(na * sizeof(double));
-        g->da_tol[a] = xmalloc(na * sizeof(double));
-        g->db[a] = xmalloc(nb * sizeof(double));
-        g->db_tol[a] = xmalloc(nb * sizeof(double));
+        g->da[a] = tu_xmalloc(na * sizeof(double));
+        g->da_tol[a] = tu_xmalloc(na * sizeof(double));
+        g->db[a] = tu_xmalloc(nb * sizeof(double));
+        g->db_tol[a] = tu_xmalloc(nb * sizeof(double));
     }
 }
 
@@ -369,14 +354,14 @@ static case_data case_make(tu_rng *rng, const case_spec *c) {
     case_data d;
     memset(&d, 0, sizeof d);
     d.c = *c;
-    d.w = xmalloc((size_t)(c->n * c->k) * sizeof(float));
+    d.w = tu_xmalloc((size_t)(c->n * c->k) * sizeof(float));
     tu_fill_normal(rng, d.w, c->n * c->k, (float)(1.0 / sqrt((double)c->k)));
     if (c->bias)
-        d.bias = random_bf16(rng, c->n, 0.5f);
-    d.x = random_bf16(rng, c->m * c->k, 1.0f);
-    d.dy = random_bf16(rng, c->m * c->n, 1.0f);
+        d.bias = tu_random_bf16(rng, c->n, 0.5f);
+    d.x = tu_random_bf16(rng, c->m * c->k, 1.0f);
+    d.dy = tu_random_bf16(rng, c->m * c->n, 1.0f);
     for (int a = 0; a < c->nadapters; a++)
-        d.b[a] = random_bf16(rng, c->n * c->ad[a].rank, 0.3f);
+        d.b[a] = tu_random_bf16(rng, c->n * c->ad[a].rank, 0.3f);
     d.seed = tu_next(rng);
     return d;
 }
@@ -498,7 +483,7 @@ static double *y_of(const layer *L, const qlora_tensor *t) {
 /* Compares the layer's forward output with the FP64 model. */
 static void check_forward(const char *what, const layer *L, const ref_layer *R) {
     int64_t n = R->m * R->n;
-    double *want = xmalloc((size_t)n * sizeof(double)), *tol = xmalloc((size_t)n * sizeof(double));
+    double *want = tu_xmalloc((size_t)n * sizeof(double)), *tol = tu_xmalloc((size_t)n * sizeof(double));
     ref_forward(R, want, tol);
     double *got = y_of(L, &L->y);
     assert_close(what, got, want, tol, n);
@@ -755,7 +740,7 @@ START_TEST(forward_and_backward_match_fp64) {
                 for (int a = 0; a < R.count; a++) {
                     int64_t nh = d.c.m * R.ad[a].r;
                     double *x = bf16_to_doubles(d.x, d.c.m * d.c.k);
-                    double *h = xmalloc((size_t)nh * 8), *habs = xmalloc((size_t)nh * 8), *tol = xmalloc((size_t)nh * 8);
+                    double *h = tu_xmalloc((size_t)nh * 8), *habs = tu_xmalloc((size_t)nh * 8), *tol = tu_xmalloc((size_t)nh * 8);
                     ref_h(&R, x, &R.ad[a], h, habs);
                     for (int64_t i = 0; i < nh; i++)
                         tol[i] = 1.01 * fabs(h[i]) / 256 + gamma_n(d.c.k) * habs[i] + 1e-30;
@@ -845,7 +830,7 @@ static double loss(const ref_layer *R, const double *x, const double *dy) {
     for (int64_t i = 0; i < R->m; i++) {
         double *h[QLORA_LINEAR_MAX_ADAPTERS];
         for (int a = 0; a < R->count; a++) {
-            h[a] = xmalloc((size_t)R->ad[a].r * sizeof(double));
+            h[a] = tu_xmalloc((size_t)R->ad[a].r * sizeof(double));
             for (int j = 0; j < R->ad[a].r; j++)
                 for (int64_t k = 0; k < R->k; k++)
                     h[a][j] += ref_input(R, &R->ad[a], x, i, k, 1) * R->ad[a].a[j * R->k + k];
@@ -963,7 +948,7 @@ static void mask_layer_make(mask_layer *ml, qlora_ctx *ctx, const uint16_t *x, f
     memset(ml, 0, sizeof *ml);
     ml->ctx = ctx;
     int64_t wshape[2] = {MASK_K, MASK_K}, xs[2] = {MASK_M, MASK_K};
-    float *zeros = xmalloc(MASK_K * MASK_K * sizeof(float));
+    float *zeros = tu_xmalloc(MASK_K * MASK_K * sizeof(float));
     qlora_tensor w32 = tu_device_tensor(ctx, "mask.weight", QLORA_F32, 2, wshape, zeros);
     free(zeros);
     ck_assert_qlora_ok(qlora_quantize(ctx, &w32, NULL, &ml->w));
@@ -1006,7 +991,7 @@ START_TEST(dropout_masks_are_the_rng_on_every_backend) {
     int nb = tu_backends(bs);
     tu_rng rng;
     tu_rng_init(&rng, tu_seed());
-    uint16_t *x = random_bf16(&rng, MASK_M * MASK_K, 1.0f);
+    uint16_t *x = tu_random_bf16(&rng, MASK_M * MASK_K, 1.0f);
     for (int i = 0; i < MASK_M * MASK_K; i++)
         if (x[i] == 0 || x[i] == 0x8000)
             x[i] = ql_f32_to_bf16(0.5f); /* a kept element must be visible */
@@ -1106,7 +1091,7 @@ END_TEST
  * top of the FP64 tolerance) plus accumulation (and on CUDA the BF16 weights). */
 static void agree_tolerances(ref_layer *R, const uint16_t *dy, double w_rel, double *y_tol, double *dx_tol) {
     R->w_rel = w_rel;
-    double *want = xmalloc((size_t)(R->m * R->n) * 8);
+    double *want = tu_xmalloc((size_t)(R->m * R->n) * 8);
     ref_forward(R, want, y_tol);
     for (int64_t i = 0; i < R->m * R->n; i++)
         y_tol[i] += 1.01 * fabs(want[i]) / 256;
@@ -1135,7 +1120,7 @@ START_TEST(backends_agree_with_the_reference) {
     double *ref_y = NULL, *ref_dx = NULL;
     float *ref_g[4] = {NULL};
     int64_t gsize[4] = {16 * 200, 150 * 16, 5 * 200, 150 * 5};
-    double *y_tol = xmalloc((size_t)(c.m * c.n) * 8), *dx_tol = xmalloc((size_t)(c.m * c.k) * 8);
+    double *y_tol = tu_xmalloc((size_t)(c.m * c.n) * 8), *dx_tol = tu_xmalloc((size_t)(c.m * c.k) * 8);
     ref_layer R;
     memset(&R, 0, sizeof R);
     for (int pass = 0; pass < 2; pass++) /* reference first, then the others */
@@ -1309,7 +1294,7 @@ START_TEST(merge_folds_the_adapter_into_the_weight) {
             layer_make(&L, ctx, &d);
             ck_assert_qlora_ok(qlora_linear_adapter_enable(L.lin, L.ids[1], 0));
             ref_layer R = ref_of(&L, &d, 0, 0);
-            double *target = xmalloc((size_t)(c.n * c.k) * 8);
+            double *target = tu_xmalloc((size_t)(c.n * c.k) * 8);
             for (int64_t n = 0; n < c.n; n++)
                 for (int64_t k = 0; k < c.k; k++) {
                     double v = R.w[n * c.k + k];

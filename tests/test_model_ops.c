@@ -26,24 +26,10 @@
 static const double U = 1.0 / 16777216.0;
 static const double BF = 1.0 / 256.0; /* 2^-8: relative rounding of BF16 */
 
-static void *xmalloc(size_t n) {
-    void *p = calloc(n ? n : 1, 1);
-    ck_assert_ptr_nonnull(p);
-    return p;
-}
-
 static double bf(uint16_t h) { return ql_bf16_to_f32(h); }
 
-static uint16_t *random_bf16(tu_rng *rng, int64_t n, float sigma) {
-    float *f = xmalloc((size_t)n * sizeof(float));
-    tu_fill_normal(rng, f, n, sigma);
-    uint16_t *h = tu_to_dtype(f, n, QLORA_BF16);
-    free(f);
-    return h;
-}
-
 static double *to_doubles(const uint16_t *h, int64_t n) {
-    double *d = xmalloc((size_t)n * sizeof(double));
+    double *d = tu_xmalloc((size_t)n * sizeof(double));
     for (int64_t i = 0; i < n; i++)
         d[i] = bf(h[i]);
     return d;
@@ -88,7 +74,7 @@ static double max_abs(const double *x, int64_t n) {
 /* Central differences of f at x (modified and restored in place). */
 typedef double (*fp64_fn)(const double *x, const void *arg);
 static double *finite_diff(fp64_fn f, double *x, int64_t n, const void *arg) {
-    double *g = xmalloc((size_t)n * sizeof(double));
+    double *g = tu_xmalloc((size_t)n * sizeof(double));
     for (int64_t i = 0; i < n; i++) {
         double x0 = x[i], h = 1e-5 * fmax(1.0, fabs(x0));
         x[i] = x0 + h;
@@ -103,7 +89,7 @@ static double *finite_diff(fp64_fn f, double *x, int64_t n, const void *arg) {
 
 /* Library gradient (BF16) against FD, with tol = 1.01·2^-8·|g| + fp32_tol[i] + FD error. */
 static void assert_grad(const char *what, const uint16_t *got, const double *fd, const double *fp32_tol, int64_t n) {
-    double *g = to_doubles(got, n), *tol = xmalloc((size_t)n * sizeof(double));
+    double *g = to_doubles(got, n), *tol = tu_xmalloc((size_t)n * sizeof(double));
     double fd_err = 1e-7 * (1.0 + max_abs(fd, n));
     for (int64_t i = 0; i < n; i++)
         tol[i] = 1.01 * BF * fabs(fd[i]) + fp32_tol[i] + fd_err;
@@ -132,7 +118,7 @@ static double rmsnorm_ref_row(const double *x, const double *w, int64_t dim, dou
 
 static double rmsnorm_objective(const double *x, const void *arg) {
     const norm_arg *a = arg;
-    double *y = xmalloc((size_t)a->dim * sizeof(double)), f = 0.0;
+    double *y = tu_xmalloc((size_t)a->dim * sizeof(double)), f = 0.0;
     for (int64_t r = 0; r < a->rows; r++) {
         rmsnorm_ref_row(x + r * a->dim, a->w, a->dim, a->eps, y);
         for (int64_t i = 0; i < a->dim; i++)
@@ -148,15 +134,15 @@ START_TEST(test_rmsnorm_forward_backward) {
     tu_rng_init(&rng, tu_seed());
     const int64_t rows = 6, dim = 96;
     const float eps = 1e-5f;
-    uint16_t *x = random_bf16(&rng, rows * dim, 2.0f), *w = random_bf16(&rng, dim, 1.0f);
-    uint16_t *dy = random_bf16(&rng, rows * dim, 1.0f);
-    uint16_t *y = xmalloc(rows * dim * 2), *dx = xmalloc(rows * dim * 2);
+    uint16_t *x = tu_random_bf16(&rng, rows * dim, 2.0f), *w = tu_random_bf16(&rng, dim, 1.0f);
+    uint16_t *dy = tu_random_bf16(&rng, rows * dim, 1.0f);
+    uint16_t *y = tu_xmalloc(rows * dim * 2), *dx = tu_xmalloc(rows * dim * 2);
     ck_assert_qlora_ok(ql_rmsnorm_forward(ctx, x, w, rows, dim, eps, y));
     ck_assert_qlora_ok(ql_rmsnorm_backward(ctx, x, w, dy, rows, dim, eps, dx));
 
     double *xd = to_doubles(x, rows * dim), *wd = to_doubles(w, dim), *cd = to_doubles(dy, rows * dim);
-    double *want = xmalloc(rows * dim * sizeof(double)), *tol = xmalloc(rows * dim * sizeof(double));
-    double *got = to_doubles(y, rows * dim), *fp32_tol = xmalloc(rows * dim * sizeof(double));
+    double *want = tu_xmalloc(rows * dim * sizeof(double)), *tol = tu_xmalloc(rows * dim * sizeof(double));
+    double *got = to_doubles(y, rows * dim), *fp32_tol = tu_xmalloc(rows * dim * sizeof(double));
     for (int64_t r = 0; r < rows; r++) {
         double rstd = rmsnorm_ref_row(xd + r * dim, wd, dim, eps, want + r * dim);
         double mean_gn = 0.0;
@@ -196,7 +182,7 @@ static float *fixture_f32(const qlora_safetensors *f, const char *name, int64_t 
     qlora_tensor t = fixture_tensor(f, name);
     ck_assert_int_eq(t.dtype, QLORA_F32);
     ck_assert_int_eq(qlora_tensor_numel(&t), n);
-    float *p = xmalloc((size_t)n * 4);
+    float *p = tu_xmalloc((size_t)n * 4);
     memcpy(p, t.data, (size_t)n * 4);
     return p;
 }
@@ -205,7 +191,7 @@ static uint16_t *fixture_bf16(const qlora_safetensors *f, const char *name, int6
     qlora_tensor t = fixture_tensor(f, name);
     ck_assert_int_eq(t.dtype, QLORA_BF16);
     ck_assert_int_eq(qlora_tensor_numel(&t), n);
-    uint16_t *p = xmalloc((size_t)n * 2);
+    uint16_t *p = tu_xmalloc((size_t)n * 2);
     memcpy(p, t.data, (size_t)n * 2);
     return p;
 }
@@ -267,7 +253,7 @@ START_TEST(test_rope_table_and_apply_match_transformers) {
     ck_assert_qlora_ok(qlora_safetensors_open(tu_fixture("model_ops_reference.safetensors"), &f));
     qlora_tensor pt = fixture_tensor(f, "rope.positions");
     int64_t P = qlora_tensor_numel(&pt);
-    int32_t *pos = xmalloc((size_t)P * 4);
+    int32_t *pos = tu_xmalloc((size_t)P * 4);
     memcpy(pos, pt.data, (size_t)P * 4);
     const ql_rope_params *p = &ROPE_CASES[3].p; /* llama3_32 */
     int d = p->head_dim, half = d / 2;
@@ -276,7 +262,7 @@ START_TEST(test_rope_table_and_apply_match_transformers) {
 
     ql_rope_table tab;
     ck_assert_qlora_ok(ql_rope_table_init(ctx, p, 131072, &tab));
-    uint16_t *cos_ours = xmalloc((size_t)P * d * 2), *sin_ours = xmalloc((size_t)P * d * 2);
+    uint16_t *cos_ours = tu_xmalloc((size_t)P * d * 2), *sin_ours = tu_xmalloc((size_t)P * d * 2);
     for (int64_t i = 0; i < P; i++)
         for (int j = 0; j < d; j++) {
             cos_ours[i * d + j] = tab.cos[(int64_t)pos[i] * half + j % half];
@@ -316,7 +302,7 @@ START_TEST(test_rmsnorm_matches_transformers) {
     ck_assert_qlora_ok(qlora_safetensors_open(tu_fixture("model_ops_reference.safetensors"), &f));
     const int64_t rows = 8, dim = 256;
     uint16_t *x = fixture_bf16(f, "rmsnorm.x", rows * dim), *w = fixture_bf16(f, "rmsnorm.weight", dim);
-    uint16_t *want = fixture_bf16(f, "rmsnorm.out", rows * dim), *got = xmalloc(rows * dim * 2);
+    uint16_t *want = fixture_bf16(f, "rmsnorm.out", rows * dim), *got = tu_xmalloc(rows * dim * 2);
     ck_assert_qlora_ok(ql_rmsnorm_forward(ctx, x, w, rows, dim, 1e-5f, got));
     int64_t diffs = 0;
     ck_assert_int_eq(bf16_mismatches(got, want, rows * dim, 1, &diffs), 0);
@@ -355,7 +341,7 @@ static void rope_ref(const double *x, const rope_arg *a, double *y) {
 static double rope_objective(const double *x, const void *arg) {
     const rope_arg *a = arg;
     int64_t n = a->tokens * a->heads * 2 * a->half;
-    double *y = xmalloc((size_t)n * sizeof(double)), f = 0.0;
+    double *y = tu_xmalloc((size_t)n * sizeof(double)), f = 0.0;
     rope_ref(x, a, y);
     for (int64_t i = 0; i < n; i++)
         f += a->c[i] * y[i];
@@ -385,15 +371,15 @@ START_TEST(test_rope_forward_backward) {
         }
 
     int64_t n = T * heads * d;
-    uint16_t *x = random_bf16(&rng, n, 1.5f), *dy = random_bf16(&rng, n, 1.0f);
-    uint16_t *y = xmalloc(n * 2), *dx = xmalloc(n * 2);
+    uint16_t *x = tu_random_bf16(&rng, n, 1.5f), *dy = tu_random_bf16(&rng, n, 1.0f);
+    uint16_t *y = tu_xmalloc(n * 2), *dx = tu_xmalloc(n * 2);
     memcpy(y, x, n * 2);
     memcpy(dx, dy, n * 2);
     ck_assert_qlora_ok(ql_rope_forward(ctx, &tab, pos, T, heads, y));
     ck_assert_qlora_ok(ql_rope_backward(ctx, &tab, pos, T, heads, dx));
 
-    double *xd = to_doubles(x, n), *cd = to_doubles(dy, n), *want = xmalloc(n * 8), *tol = xmalloc(n * 8);
-    double *got = to_doubles(y, n), *fp32_tol = xmalloc(n * 8);
+    double *xd = to_doubles(x, n), *cd = to_doubles(dy, n), *want = tu_xmalloc(n * 8), *tol = tu_xmalloc(n * 8);
+    double *got = to_doubles(y, n), *fp32_tol = tu_xmalloc(n * 8);
     rope_arg a = {T, heads, half, pos, &tab, cd};
     rope_ref(xd, &a, want);
     for (int64_t t = 0; t < T; t++)
@@ -446,12 +432,12 @@ START_TEST(test_swiglu_forward_backward) {
     tu_rng rng;
     tu_rng_init(&rng, tu_seed());
     const int64_t n = 300;
-    uint16_t *gu = random_bf16(&rng, 2 * n, 2.5f), *dout = random_bf16(&rng, n, 1.0f);
-    uint16_t *out = xmalloc(n * 2), *dgu = xmalloc(2 * n * 2);
+    uint16_t *gu = tu_random_bf16(&rng, 2 * n, 2.5f), *dout = tu_random_bf16(&rng, n, 1.0f);
+    uint16_t *out = tu_xmalloc(n * 2), *dgu = tu_xmalloc(2 * n * 2);
     ck_assert_qlora_ok(ql_swiglu_forward(ctx, gu, gu + n, n, out));
     ck_assert_qlora_ok(ql_swiglu_backward(ctx, gu, gu + n, dout, n, dgu, dgu + n));
     double *x = to_doubles(gu, 2 * n), *c = to_doubles(dout, n), *got = to_doubles(out, n);
-    double *want = xmalloc(n * 8), *tol = xmalloc(n * 8), *fp32_tol = xmalloc(2 * n * 8);
+    double *want = tu_xmalloc(n * 8), *tol = tu_xmalloc(n * 8), *fp32_tol = tu_xmalloc(2 * n * 8);
     for (int64_t i = 0; i < n; i++) {
         want[i] = silu(x[i]) * x[n + i];
         /* BF16 after silu and after the product; expf and the float32 ops a few ulps */
@@ -487,7 +473,7 @@ static void attn_ref(const double *x, const attn_case *a, double *out, double *l
     int nh = s->heads, nkv = s->kv_heads, d = s->head_dim, group = nh / nkv;
     const double *q = x, *k = x + s->tokens * nh * d, *v = k + s->tokens * nkv * d;
     double scale = 1.0 / sqrt((double)d);
-    double *score = xmalloc((size_t)s->tokens * sizeof(double));
+    double *score = tu_xmalloc((size_t)s->tokens * sizeof(double));
     for (int64_t t = 0; t < s->tokens; t++)
         for (int h = 0; h < nh; h++) {
             const double *qr = q + (t * nh + h) * d;
@@ -525,7 +511,7 @@ static void attn_ref(const double *x, const attn_case *a, double *out, double *l
 static double attn_objective(const double *x, const void *arg) {
     const attn_case *a = arg;
     int64_t n = a->s.tokens * a->s.heads * a->s.head_dim;
-    double *out = xmalloc((size_t)n * sizeof(double)), f = 0.0;
+    double *out = tu_xmalloc((size_t)n * sizeof(double)), f = 0.0;
     attn_ref(x, a, out, NULL, NULL);
     for (int64_t i = 0; i < n; i++)
         f += a->c[i] * out[i];
@@ -547,9 +533,9 @@ static attn_data attn_run(qlora_ctx *ctx, const ql_attn_shape *s, const int32_t 
     r.nkv = s->tokens * s->kv_heads * s->head_dim;
     r.qkv = (uint16_t *)qkv;
     r.dout = (uint16_t *)dout;
-    r.out = xmalloc((size_t)r.nq * 2);
-    r.lse = xmalloc((size_t)(s->tokens * s->heads) * 4);
-    r.dqkv = xmalloc((size_t)(r.nq + 2 * r.nkv) * 2);
+    r.out = tu_xmalloc((size_t)r.nq * 2);
+    r.lse = tu_xmalloc((size_t)(s->tokens * s->heads) * 4);
+    r.dqkv = tu_xmalloc((size_t)(r.nq + 2 * r.nkv) * 2);
     const uint16_t *q = qkv, *k = qkv + r.nq, *v = k + r.nkv;
     ck_assert_qlora_ok(ql_attention_forward(ctx, s, q, k, v, seq_start, r.out, r.lse));
     if (dout)
@@ -577,13 +563,13 @@ START_TEST(test_attention_forward_vs_fp64) {
     for (int t = 0; t < 150; t++)
         seq_start[t] = t < 70 ? 0 : t < 130 ? 70 : 130;
     int64_t nq = 150 * 4 * 16, nkv = 150 * 2 * 16;
-    uint16_t *qkv = random_bf16(&rng, nq + 2 * nkv, 1.0f);
+    uint16_t *qkv = tu_random_bf16(&rng, nq + 2 * nkv, 1.0f);
     attn_data r = attn_run(ctx, &s, seq_start, qkv, NULL);
-    double *x = to_doubles(qkv, nq + 2 * nkv), *out = xmalloc(nq * 8), *lse = xmalloc(600 * 8), *bound = xmalloc(600 * 8);
+    double *x = to_doubles(qkv, nq + 2 * nkv), *out = tu_xmalloc(nq * 8), *lse = tu_xmalloc(600 * 8), *bound = tu_xmalloc(600 * 8);
     attn_case a = {s, seq_start, NULL};
     attn_ref(x, &a, out, lse, bound);
     double vmax = max_abs(x + nq + nkv, nkv);
-    double *tol = xmalloc(nq * 8), *got = to_doubles(r.out, nq), *lse_got = xmalloc(600 * 8), *lse_tol = xmalloc(600 * 8);
+    double *tol = tu_xmalloc(nq * 8), *got = to_doubles(r.out, nq), *lse_got = tu_xmalloc(600 * 8), *lse_tol = tu_xmalloc(600 * 8);
     for (int64_t t = 0; t < 150; t++)
         for (int h = 0; h < 4; h++) {
             int64_t row = t * 4 + h, L = t - seq_start[t] + 1;
@@ -612,11 +598,11 @@ START_TEST(test_attention_backward_finite_differences) {
     ql_attn_shape s = {9, 4, 2, 8};
     const int32_t seq_start[9] = {0, 0, 0, 0, 0, 5, 5, 5, 5};
     int64_t nq = 9 * 4 * 8, nkv = 9 * 2 * 8, n = nq + 2 * nkv;
-    uint16_t *qkv = random_bf16(&rng, n, 1.0f), *dout = random_bf16(&rng, nq, 1.0f);
+    uint16_t *qkv = tu_random_bf16(&rng, n, 1.0f), *dout = tu_random_bf16(&rng, nq, 1.0f);
     attn_data r = attn_run(ctx, &s, seq_start, qkv, dout);
     double *x = to_doubles(qkv, n), *c = to_doubles(dout, nq);
     attn_case a = {s, seq_start, c};
-    double *fd = finite_diff(attn_objective, x, n, &a), *fp32_tol = xmalloc(n * 8);
+    double *fd = finite_diff(attn_objective, x, n, &a), *fp32_tol = tu_xmalloc(n * 8);
     const int64_t part_begin[3] = {0, nq, nq + nkv}, part_end[3] = {nq, nq + nkv, n};
     for (int p = 0; p < 3; p++) {
         double m = max_abs(fd + part_begin[p], part_end[p] - part_begin[p]);
@@ -647,13 +633,13 @@ START_TEST(test_attention_packed_equals_separate) {
     for (int t = 0; t < T; t++)
         seq_start[t] = t < split ? 0 : (int32_t)split;
     int64_t wq = 4 * 8, wk = 2 * 8;
-    uint16_t *qkv = random_bf16(&rng, T * (wq + 2 * wk), 1.0f), *dout = random_bf16(&rng, T * wq, 1.0f);
+    uint16_t *qkv = tu_random_bf16(&rng, T * (wq + 2 * wk), 1.0f), *dout = tu_random_bf16(&rng, T * wq, 1.0f);
     attn_data packed = attn_run(ctx, &s, seq_start, qkv, dout);
     const int64_t starts[2] = {0, split}, lens[2] = {split, T - split};
     for (int part = 0; part < 2; part++) {
         int64_t t0 = starts[part], L = lens[part];
         ql_attn_shape one = {L, 4, 2, 8};
-        uint16_t *sub = xmalloc((size_t)(L * (wq + 2 * wk)) * 2), *dsub = xmalloc((size_t)(L * wq) * 2);
+        uint16_t *sub = tu_xmalloc((size_t)(L * (wq + 2 * wk)) * 2), *dsub = tu_xmalloc((size_t)(L * wq) * 2);
         copy_rows(sub, qkv, t0, L, wq);
         copy_rows(sub + L * wq, qkv + T * wq, t0, L, wk);
         copy_rows(sub + L * (wq + wk), qkv + T * (wq + wk), t0, L, wk);
@@ -685,8 +671,8 @@ START_TEST(test_attention_gqa_equals_repeated_mha) {
     const int nh = 6, nkv = 2, d = 8, group = 3;
     ql_attn_shape gqa = {T, nh, nkv, d}, mha = {T, nh, nh, d};
     int64_t nq = T * nh * d, nk = T * nkv * d;
-    uint16_t *qkv = random_bf16(&rng, nq + 2 * nk, 1.0f), *dout = random_bf16(&rng, nq, 1.0f);
-    uint16_t *rep = xmalloc((size_t)(3 * nq) * 2);
+    uint16_t *qkv = tu_random_bf16(&rng, nq + 2 * nk, 1.0f), *dout = tu_random_bf16(&rng, nq, 1.0f);
+    uint16_t *rep = tu_xmalloc((size_t)(3 * nq) * 2);
     memcpy(rep, qkv, (size_t)nq * 2);
     for (int64_t t = 0; t < T; t++)
         for (int h = 0; h < nh; h++)
@@ -697,7 +683,7 @@ START_TEST(test_attention_gqa_equals_repeated_mha) {
     ck_assert_mem_eq(a.out, b.out, (size_t)nq * 2);
     ck_assert_mem_eq(a.lse, b.lse, (size_t)(T * nh) * 4);
     ck_assert_mem_eq(a.dqkv, b.dqkv, (size_t)nq * 2);
-    double *got = xmalloc(2 * nk * 8), *want = xmalloc(2 * nk * 8), *tol = xmalloc(2 * nk * 8);
+    double *got = tu_xmalloc(2 * nk * 8), *want = tu_xmalloc(2 * nk * 8), *tol = tu_xmalloc(2 * nk * 8);
     for (int part = 0; part < 2; part++)
         for (int64_t t = 0; t < T; t++)
             for (int g = 0; g < nkv; g++)
@@ -727,7 +713,7 @@ START_TEST(test_attention_memory_linear_and_bad_seq_start) {
     tu_rng_init(&rng, tu_seed());
     const int64_t T = 1500;
     ql_attn_shape s = {T, 2, 1, 8};
-    uint16_t *qkv = random_bf16(&rng, T * 4 * 8, 1.0f), *dout = random_bf16(&rng, T * 2 * 8, 1.0f);
+    uint16_t *qkv = tu_random_bf16(&rng, T * 4 * 8, 1.0f), *dout = tu_random_bf16(&rng, T * 2 * 8, 1.0f);
     qlora_mem_reset_peak(ctx);
     attn_data r = attn_run(ctx, &s, NULL, qkv, dout);
     qlora_mem_stats st;
@@ -765,7 +751,7 @@ typedef struct xent_ref {
 /* FP64 loss of hidden x [T, H]; with lerr (NULL ok) the float32 logit error bound per token
  * (H·U·max_v Σ|h·w|) and with gabs (NULL ok) Σ_v |dloss/dlogit_v|·|w_v| per element. */
 static double xent_loss_ref(const double *x, const xent_ref *a, double *lerr, double *gabs) {
-    double total = 0.0, *z = xmalloc((size_t)a->V * 8);
+    double total = 0.0, *z = tu_xmalloc((size_t)a->V * 8);
     for (int64_t t = 0; t < a->T; t++) {
         if (lerr)
             lerr[t] = 0.0;
@@ -814,7 +800,7 @@ START_TEST(test_cross_entropy_vs_fp64_and_chunks) {
     tu_rng rng;
     tu_rng_init(&rng, tu_seed());
     const int64_t T = 13, H = 24, V = 77;
-    uint16_t *hidden = random_bf16(&rng, T * H, 1.0f), *w = random_bf16(&rng, V * H, 0.5f);
+    uint16_t *hidden = tu_random_bf16(&rng, T * H, 1.0f), *w = tu_random_bf16(&rng, V * H, 0.5f);
     int32_t labels[13];
     int64_t valid = 0;
     for (int t = 0; t < T; t++) {
@@ -823,18 +809,18 @@ START_TEST(test_cross_entropy_vs_fp64_and_chunks) {
     }
     double *x = to_doubles(hidden, T * H), *wd = to_doubles(w, V * H);
     xent_ref ref = {T, H, V, wd, labels, (double)valid};
-    double *lerr = xmalloc(T * 8), *gabs = xmalloc(T * H * 8);
+    double *lerr = tu_xmalloc(T * 8), *gabs = tu_xmalloc(T * H * 8);
     double want = xent_loss_ref(x, &ref, lerr, gabs);
     double loss_tol = 1e-12 * fabs(want);
     for (int t = 0; t < T; t++)
         loss_tol += 2 * lerr[t] / (double)valid;
-    double *fd = finite_diff(xent_objective, x, T * H, &ref), *fp32_tol = xmalloc(T * H * 8);
+    double *fd = finite_diff(xent_objective, x, T * H, &ref), *fp32_tol = tu_xmalloc(T * H * 8);
     for (int64_t t = 0; t < T; t++)
         for (int64_t i = 0; i < H; i++)
             fp32_tol[t * H + i] = (2 * lerr[t] + (V + 8) * U) * gabs[t * H + i];
 
     const int64_t chunks[5] = {1, 5, 13, 64, 0};
-    uint16_t *dh = xmalloc(T * H * 2);
+    uint16_t *dh = tu_xmalloc(T * H * 2);
     for (int c = 0; c < 5; c++) {
         ql_xent_args a = {hidden, w, labels, T, H, V, chunks[c], 0.0};
         double loss = 0.0;
@@ -855,7 +841,7 @@ START_TEST(test_cross_entropy_vs_fp64_and_chunks) {
     /* a caller-given denominator (tokens over all micro-batches) scales loss and gradient */
     ql_xent_args a = {hidden, w, labels, T, H, V, 4, 40.0};
     double loss = 0.0;
-    uint16_t *dh40 = xmalloc(T * H * 2);
+    uint16_t *dh40 = tu_xmalloc(T * H * 2);
     ck_assert_qlora_ok(ql_cross_entropy(ctx, &a, &loss, NULL, dh40));
     ck_assert_msg(fabs(loss - want * valid / 40.0) <= loss_tol, "denom 40: loss %.12g", loss);
     ref.denom = 40.0;
@@ -865,7 +851,7 @@ START_TEST(test_cross_entropy_vs_fp64_and_chunks) {
     assert_grad("dhidden (denom 40)", dh40, fd40, fp32_tol, T * H);
 
     /* logits for tests and generation: the same float32 products */
-    float *logits = xmalloc(T * V * 4);
+    float *logits = tu_xmalloc(T * V * 4);
     ck_assert_qlora_ok(ql_lm_head_logits(ctx, hidden, w, T, H, V, logits));
     for (int64_t t = 0; t < T; t++)
         for (int64_t v = 0; v < V; v++) {
@@ -890,8 +876,8 @@ START_TEST(test_cross_entropy_ignored_and_bad_labels) {
     tu_rng rng;
     tu_rng_init(&rng, tu_seed());
     const int64_t T = 6, H = 8, V = 11;
-    uint16_t *hidden = random_bf16(&rng, T * H, 1.0f), *w = random_bf16(&rng, V * H, 1.0f);
-    uint16_t *dh = random_bf16(&rng, T * H, 1.0f);
+    uint16_t *hidden = tu_random_bf16(&rng, T * H, 1.0f), *w = tu_random_bf16(&rng, V * H, 1.0f);
+    uint16_t *dh = tu_random_bf16(&rng, T * H, 1.0f);
     int32_t labels[6] = {-100, -100, -100, -100, -100, -100};
     ql_xent_args a = {hidden, w, labels, T, H, V, 4, 0.0};
     double loss = 123.0;
@@ -918,7 +904,7 @@ START_TEST(test_embedding_gather) {
     tu_rng rng;
     tu_rng_init(&rng, tu_seed());
     const int64_t V = 19, H = 12, T = 7;
-    uint16_t *table = random_bf16(&rng, V * H, 1.0f), *out = xmalloc(T * H * 2);
+    uint16_t *table = tu_random_bf16(&rng, V * H, 1.0f), *out = tu_xmalloc(T * H * 2);
     int32_t ids[7];
     for (int t = 0; t < T; t++)
         ids[t] = (int32_t)(tu_next(&rng) % V);

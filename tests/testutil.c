@@ -177,3 +177,17 @@ int tu_run_suite(Suite *s) {
     srunner_free(sr);
     return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }
+
+void *tu_xmalloc(size_t n) {
+    void *p = calloc(n ? n : 1, 1);
+    ck_assert_ptr_nonnull(p);
+    return p;
+}
+
+uint16_t *tu_random_bf16(tu_rng *r, int64_t n, float sigma) {
+    float *f = tu_xmalloc((size_t)n * sizeof(float));
+    tu_fill_normal(r, f, n, sigma);
+    uint16_t *h = tu_to_dtype(f, n, QLORA_BF16);
+    free(f);
+    return h;
+}

@@ -60,6 +60,10 @@ double tu_normal(tu_rng *r);                 /* N(0, 1) */
 /* Fills x[n] with N(0, sigma^2) float32 values. */
 void tu_fill_normal(tu_rng *r, float *x, int64_t n, float sigma);
 
+/* calloc that fails the test instead of returning NULL (n may be 0). */
+void *tu_xmalloc(size_t n);
+/* n BF16 values drawn from N(0, sigma^2), malloc'ed. */
+uint16_t *tu_random_bf16(tu_rng *r, int64_t n, float sigma);
 /* Converts float32 data to F32/F16/BF16 (RNE) in a malloc'ed buffer (never NULL). */
 void *tu_to_dtype(const float *x, int64_t n, qlora_dtype dtype);
 
