@@ -7,6 +7,9 @@
  * The backward runs two passes so that no two threads write the same row: one per query row
  * (dq, and D = Σ p·dp, which the second needs), one per key row (dk, dv), which visits the
  * queries that see that key: the following tokens of the same sequence.
+ *
+ * ql_attention_decode (generation) runs the forward's row walk against a KV cache, so a prompt
+ * run through the cache gives the forward's bits.
  */
 #include "model_ops.h"
 
@@ -22,8 +25,8 @@ static qlora_status check_shape(const qlora_ctx *ctx, const ql_attn_shape *s) {
     QL_REQUIRE_ARG(ctx != NULL && s != NULL, "ctx/shape");
     QL_REQUIRE_ARG(s->tokens >= 0, "tokens");
     if (s->heads <= 0 || s->kv_heads <= 0 || s->heads % s->kv_heads != 0)
-        return ql_fail(QLORA_ERR_SHAPE, "attention: %d query heads is not a multiple of %d kv heads", s->heads,
-                       s->kv_heads);
+        return ql_fail(QLORA_ERR_SHAPE, "attention: %d query heads is not a multiple of %d kv heads (the %d heads "
+                       "cannot share them evenly)", s->heads, s->kv_heads, s->heads);
     if (s->head_dim <= 0 || s->head_dim > QL_ATTN_MAX_HEAD_DIM)
         return ql_fail(QLORA_ERR_UNSUPPORTED, "attention: head_dim %d outside [1, %d]", s->head_dim,
                        QL_ATTN_MAX_HEAD_DIM);
@@ -79,6 +82,43 @@ static qlora_status alloc_f32(qlora_ctx *ctx, int count, const int64_t *sizes, f
     return QLORA_OK;
 }
 
+/* One query row against keys first..last (float32 copies [*, nkv, d], kv head kvh): keys in
+ * blocks of QL_ATTN_KEY_BLOCK with an online softmax; writes the BF16 output row and returns the
+ * logsumexp of the scaled scores. Shared by the forward and the KV-cache decode, so a prompt run
+ * through the cache gives the forward's bits. */
+static float attend_row(const uint16_t *q_row, const float *kf, const float *vf, int64_t first, int64_t last,
+                        int nkv, int kvh, int d, uint16_t *out_row) {
+    const float scale = 1.0f / sqrtf((float)d);
+    float qf[QL_ATTN_MAX_HEAD_DIM], acc[QL_ATTN_MAX_HEAD_DIM], score[QL_ATTN_KEY_BLOCK];
+    for (int i = 0; i < d; i++) {
+        qf[i] = ql_bf16_to_f32(q_row[i]);
+        acc[i] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t b0 = first; b0 <= last; b0 += QL_ATTN_KEY_BLOCK) {
+        int n = (int)(last + 1 - b0 < QL_ATTN_KEY_BLOCK ? last + 1 - b0 : QL_ATTN_KEY_BLOCK);
+        float block_max = -INFINITY;
+        for (int j = 0; j < n; j++) {
+            score[j] = dot(qf, kf + ((b0 + j) * nkv + kvh) * d, d) * scale;
+            block_max = score[j] > block_max ? score[j] : block_max;
+        }
+        float m_new = block_max > m ? block_max : m;
+        float rescale = expf(m - m_new); /* 0 on the first block (m = -inf) */
+        l *= rescale;
+        for (int i = 0; i < d; i++)
+            acc[i] *= rescale;
+        for (int j = 0; j < n; j++) {
+            float p = expf(score[j] - m_new);
+            l += p;
+            axpy(p, vf + ((b0 + j) * nkv + kvh) * d, acc, d);
+        }
+        m = m_new;
+    }
+    for (int i = 0; i < d; i++)
+        out_row[i] = ql_f32_to_bf16(acc[i] / l);
+    return m + logf(l);
+}
+
 qlora_status ql_attention_forward(qlora_ctx *ctx, const ql_attn_shape *s, const uint16_t *q, const uint16_t *k,
                                   const uint16_t *v, const int32_t *seq_start, uint16_t *out, float *lse) {
     QL_CHECK(check_shape(ctx, s));
@@ -91,7 +131,6 @@ qlora_status ql_attention_forward(qlora_ctx *ctx, const ql_attn_shape *s, const 
     QL_CHECK(check_seq_start(s, seq_start));
     const int64_t T = s->tokens;
     const int nh = s->heads, nkv = s->kv_heads, d = s->head_dim, group = nh / nkv;
-    const float scale = 1.0f / sqrtf((float)d);
     int nt = ql_ops_threads(ctx);
     float *arr[2];
     void *base = NULL;
@@ -104,35 +143,8 @@ qlora_status ql_attention_forward(qlora_ctx *ctx, const ql_attn_shape *s, const 
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nt)
     for (int64_t row = 0; row < T * nh; row++) {
         int64_t t = row / nh;
-        int h = (int)(row % nh), kvh = h / group;
-        float qf[QL_ATTN_MAX_HEAD_DIM], acc[QL_ATTN_MAX_HEAD_DIM], score[QL_ATTN_KEY_BLOCK];
-        for (int i = 0; i < d; i++) {
-            qf[i] = ql_bf16_to_f32(q[row * d + i]);
-            acc[i] = 0.0f;
-        }
-        float m = -INFINITY, l = 0.0f;
-        for (int64_t b0 = first_key(seq_start, t); b0 <= t; b0 += QL_ATTN_KEY_BLOCK) {
-            int n = (int)(t + 1 - b0 < QL_ATTN_KEY_BLOCK ? t + 1 - b0 : QL_ATTN_KEY_BLOCK);
-            float block_max = -INFINITY;
-            for (int j = 0; j < n; j++) {
-                score[j] = dot(qf, kf + ((b0 + j) * nkv + kvh) * d, d) * scale;
-                block_max = score[j] > block_max ? score[j] : block_max;
-            }
-            float m_new = block_max > m ? block_max : m;
-            float rescale = expf(m - m_new); /* 0 on the first block (m = -inf) */
-            l *= rescale;
-            for (int i = 0; i < d; i++)
-                acc[i] *= rescale;
-            for (int j = 0; j < n; j++) {
-                float p = expf(score[j] - m_new);
-                l += p;
-                axpy(p, vf + ((b0 + j) * nkv + kvh) * d, acc, d);
-            }
-            m = m_new;
-        }
-        for (int i = 0; i < d; i++)
-            out[row * d + i] = ql_f32_to_bf16(acc[i] / l);
-        lse[row] = m + logf(l);
+        lse[row] = attend_row(q + row * d, kf, vf, first_key(seq_start, t), t, nkv, (int)(row % nh) / group, d,
+                              out + row * d);
     }
     qlora_free(ctx, base);
     return QLORA_OK;
@@ -212,6 +224,32 @@ qlora_status ql_attention_backward(qlora_ctx *ctx, const ql_attn_shape *s, const
             dv[krow * d + i] = ql_f32_to_bf16(dvacc[i]);
         }
     }
+    qlora_free(ctx, base);
+    return QLORA_OK;
+}
+
+qlora_status ql_attention_decode(qlora_ctx *ctx, const ql_attn_shape *s, const uint16_t *q, const uint16_t *k_cache,
+                                 const uint16_t *v_cache, int64_t past, uint16_t *out) {
+    QL_CHECK(check_shape(ctx, s));
+    QL_REQUIRE_ARG(q != NULL && k_cache != NULL && v_cache != NULL && out != NULL, "q/k_cache/v_cache/out");
+    QL_REQUIRE_ARG(past >= 0, "past");
+#ifdef QLORA_HAVE_CUDA
+    if (ctx->cuda) /* every pointer on the device; split-K over the cache (cuda/attention_decode.cu) */
+        return ql_cuda_attention_decode((ql_cuda_state *)ctx->cuda, s->tokens, s->heads, s->kv_heads, s->head_dim, q,
+                                        k_cache, v_cache, past, out);
+#endif
+    const int nh = s->heads, nkv = s->kv_heads, d = s->head_dim, group = nh / nkv;
+    const int nt = ql_ops_threads(ctx);
+    float *arr[2];
+    void *base = NULL;
+    const int64_t keys = past + s->tokens;
+    int64_t sizes[2] = {keys * nkv * d, keys * nkv * d};
+    QL_CHECK(alloc_f32(ctx, 2, sizes, arr, &base));
+    to_f32(k_cache, sizes[0], arr[0], nt);
+    to_f32(v_cache, sizes[1], arr[1], nt);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t row = 0; row < s->tokens * nh; row++) /* query at position past + row/nh */
+        attend_row(q + row * d, arr[0], arr[1], 0, past + row / nh, nkv, (int)(row % nh) / group, d, out + row * d);
     qlora_free(ctx, base);
     return QLORA_OK;
 }
